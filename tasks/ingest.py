@@ -1,0 +1,160 @@
+"""Stage: ingest the TIA2 benchmark (TextNorm paper §3) into the store.
+
+The release has, per set, `human_annotations/human_labels_<set>.json` (one entry per image:
+file name, caption, three labels) and `prompts/prompt_set_<set>.json` (caption -> contrast
+prompts). It becomes rows of prompts, contrast_prompts (method `dataset`), images (file names, no
+pixels) and labels. Everything is read and checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from tia2.errors import UserError
+from tia2.store import Store, stable_id
+
+SETS = ("comprehensive", "counting", "composition")
+# The data release of the TextNorm paper; a user with internet needs no manual download.
+DEFAULT_SOURCE = (
+    "https://raw.githubusercontent.com/kykim0/TextNorm/5ed52025b1c4a62f31765165a14dff41d304b4a9"
+)
+TIA2_GENERATOR = "stable-diffusion-2-1 (TIA2 release)"
+VALID_LABELS = {1, 0, -1}
+
+
+def labels_file(set_name: str) -> str:
+    return f"human_annotations/human_labels_{set_name}.json"
+
+
+def prompts_file(set_name: str) -> str:
+    return f"prompts/prompt_set_{set_name}.json"
+
+
+def _read(source: str, relpath: str) -> bytes:
+    if source.startswith(("http://", "https://")):
+        url = f"{source.rstrip('/')}/{relpath}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"{url}: HTTP {exc.code} (missing file {relpath}?)") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(
+                f"cannot download {url} ({reason}); offline, pass the folder of the TIA2 release "
+                f"(with human_annotations/ and prompts/) as SOURCE or set TIA2_SOURCE"
+            ) from exc
+    path = Path(source) / relpath
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: missing file (a TIA2 source has {relpath})") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _load_json(source: str, relpath: str) -> dict:
+    raw = _read(source, relpath)
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if hasattr(exc, "lineno") else str(exc)
+        raise UserError(f"{relpath}: malformed JSON at {where}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{relpath}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class TIA2Tables:
+    prompts: pa.Table
+    contrast_prompts: pa.Table
+    images: pa.Table
+    labels: pa.Table
+    report: dict = field(default_factory=dict)
+
+
+def parse_tia2(source: str, sets: tuple[str, ...] = SETS) -> TIA2Tables:
+    """Read and check the release; raises UserError naming the file and entry of a problem."""
+    prompts, contrasts, images, labels = [], [], [], []
+    report = {"repeated_contrast_prompts_dropped": 0, "caption_in_own_contrast_set_dropped": 0}
+    now = datetime.now(timezone.utc)
+    for set_name in sets:
+        lfile, pfile = labels_file(set_name), prompts_file(set_name)
+        annotations = _load_json(source, lfile)
+        contrast_sets = _load_json(source, pfile)
+        ordinal_in_caption: dict[str, int] = {}
+        for key, entry in annotations.items():
+            if not isinstance(entry, dict) or not {"image", "caption", "human_labels"} <= entry.keys():
+                raise UserError(f"{lfile}: entry {key!r} needs fields image, caption, human_labels")
+            caption, votes = entry["caption"], entry["human_labels"]
+            if not isinstance(caption, str) or not isinstance(entry["image"], str):
+                raise UserError(f"{lfile}: entry {key!r}: image and caption must be strings")
+            if not isinstance(votes, list) or not votes:
+                raise UserError(f"{lfile}: entry {key!r}: human_labels must be a non-empty list")
+            for vote in votes:
+                if isinstance(vote, bool) or vote not in VALID_LABELS:
+                    raise UserError(
+                        f"{lfile}: entry {key!r}: label {vote!r} is not one of 1, 0, -1"
+                    )
+            if caption not in contrast_sets:
+                raise UserError(
+                    f"{lfile}: entry {key!r}: caption {caption!r} has no contrast set in {pfile}"
+                )
+            prompt_id = stable_id(set_name, caption)
+            if prompt_id not in ordinal_in_caption:
+                ordinal_in_caption[prompt_id] = 0
+                prompts.append(dict(prompt_id=prompt_id, text=caption, set=set_name,
+                                    category=set_name if set_name != "comprehensive" else None,
+                                    subcategory=None, source="tia2"))
+                contrasts.extend(_contrast_rows(pfile, caption, prompt_id, contrast_sets[caption],
+                                                now, report))
+            image_id = stable_id(set_name, entry["image"])
+            images.append(dict(image_id=image_id, prompt_id=prompt_id, set=set_name,
+                               file=entry["image"], ordinal=ordinal_in_caption[prompt_id],
+                               seed=None, generator=TIA2_GENERATOR, lora=None, steps=None,
+                               guidance=None, path=None, sha256=None, width=None, height=None))
+            ordinal_in_caption[prompt_id] += 1
+            labels.extend(dict(image_id=image_id, annotator=i, label=v) for i, v in enumerate(votes))
+        report[set_name] = {"captions": len(ordinal_in_caption), "images": sum(ordinal_in_caption.values())}
+    return TIA2Tables(
+        prompts=pa.Table.from_pylist(prompts),
+        contrast_prompts=pa.Table.from_pylist(contrasts),
+        images=pa.Table.from_pylist(images),
+        labels=pa.Table.from_pylist(labels),
+        report=report,
+    )
+
+
+def _contrast_rows(pfile, caption, prompt_id, texts, now, report) -> list[dict]:
+    """The caption's contrast set as distinct texts without the caption itself (DESIGN.md)."""
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{pfile}: entry {caption!r}: expected a list of prompt strings")
+    distinct = list(dict.fromkeys(texts))
+    report["repeated_contrast_prompts_dropped"] += len(texts) - len(distinct)
+    if caption in distinct:
+        distinct.remove(caption)
+        report["caption_in_own_contrast_set_dropped"] += 1
+    if not distinct:
+        raise UserError(f"{pfile}: entry {caption!r}: the contrast set is empty")
+    return [dict(prompt_id=prompt_id, text=t, method="dataset", generator="tia2", created_at=now)
+            for t in distinct]
+
+
+def ingest_tia2(store: Store, source: str, sets: tuple[str, ...] = SETS) -> dict:
+    """Parse the release and write it to the store; re-running with the same files is a no-op."""
+    tables = parse_tia2(source, sets)
+    written = {
+        "prompts": store.upsert("prompts", tables.prompts),
+        "contrast_prompts": store.upsert("contrast_prompts", tables.contrast_prompts, replace=False),
+        "images": store.upsert("images", tables.images),
+        "labels": store.upsert("labels", tables.labels),
+    }
+    return {"source": source, "new_rows": written, **tables.report}

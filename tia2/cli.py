@@ -1,0 +1,248 @@
+"""The `tia2` command. Each subcommand parses its arguments, calls one stage function and prints
+what a person needs; a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import textwrap
+
+from tia2.errors import UserError
+from tia2.store import default_store_root
+
+EPILOG = """\
+environment:
+  TIA2_STORE           store root (default ./storage); --store overrides it
+  TIA2_SOURCE          folder or URL of the TIA2 release, for ingest-tia2 and benchmark
+  MLFLOW_TRACKING_URI  MLflow tracking store (default sqlite:///<cwd>/mlruns/mlflow.db)
+  HF_HUB_OFFLINE=1     load model weights only from the local cache (no network)
+"""
+
+
+def _store(args, create: bool = True):
+    from tia2.store import Store
+
+    return Store(args.store or default_store_root(), create=create)
+
+
+def _csv_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# --- subcommands ------------------------------------------------------------------------------
+def cmd_ingest(args) -> int:
+    from tasks.ingest import DEFAULT_SOURCE, ingest_tia2
+
+    source = args.source or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
+    report = ingest_tia2(_store(args), source, tuple(args.set) if args.set else _all_sets())
+    new = report["new_rows"]
+    print(f"ingested {source}")
+    for set_name in args.set or _all_sets():
+        print(f"  {set_name:<14} {report[set_name]['captions']:>4} captions {report[set_name]['images']:>6} images")
+    print(f"  new rows: {', '.join(f'{k} {v}' for k, v in new.items())}"
+          + ("  (already up to date)" if not any(new.values()) else ""))
+    print(f"  contrast sets: dropped {report['repeated_contrast_prompts_dropped']} repeated prompts and "
+          f"{report['caption_in_own_contrast_set_dropped']} captions listed in their own set")
+    return 0
+
+
+def _all_sets():
+    from tasks.ingest import SETS
+
+    return SETS
+
+
+def cmd_import_scores(args) -> int:
+    from tasks.score import import_scores
+
+    result = import_scores(_store(args, create=False), args.file)
+    print(f"{args.file}: {result['rows']} rows checked, {result['added']} added, "
+          f"{result['already_present']} already present "
+          f"(reward models: {', '.join(result['reward_models'])})")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from tasks.metrics import format_table2, record_metrics
+    from tia2.specs import parse_spec
+
+    specs = [parse_spec(s) for s in args.reward]
+    means = record_metrics(_store(args, create=False), specs, args.set, args.out)
+    print(format_table2(means))
+    if args.out:
+        print(f"\nper-caption metrics written to {args.out}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tasks.metrics import DEFAULT_LAMS, DEFAULT_TAUS, record_tune
+
+    result = record_tune(_store(args, create=False), args.reward_model, args.set,
+                         args.tau or DEFAULT_TAUS, args.lam or DEFAULT_LAMS)
+    print("best values by the mean of AP@5, AP@10, AP@25 (TextNorm paper §4.3):")
+    for row in result.best.itertuples():
+        value = f"tau={row.tau:g}" if row.model != "ensemble" else f"lam={row.lam:g}"
+        print(f"  {row.set:<14} {row.model:<16} {value:<14} AP-mean {row.ap_mean:.4f}   {row.reward}")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    columns, rows = _store(args, create=False).query_readonly(args.query)
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif args.json:
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    else:
+        _print_table(columns, rows)
+    return 0
+
+
+def _print_table(columns: list[str], rows: list[tuple]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 200)).print(table)
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_benchmark(args) -> int:
+    from tia2.config import load_config
+
+    config = load_config(args.config)
+    if args.store:
+        config["store"] = args.store
+    config.setdefault("store", default_store_root())
+    source = config.get("tia2_source") or os.environ.get("TIA2_SOURCE")
+    if source is None:
+        from tasks.ingest import DEFAULT_SOURCE
+
+        source = DEFAULT_SOURCE
+    config["tia2_source"] = source
+    from flows.tia2_benchmark import tia2_benchmark
+
+    summary = tia2_benchmark(**config)
+    ingest = summary["ingest"]
+    print("TIA2 in the store: " + ", ".join(
+        f"{s} {ingest[s]['captions']} captions / {ingest[s]['images']} images"
+        for s in config.get("sets", _all_sets()) if s in ingest))
+    print(summary["table2"] or "no reward specs configured: nothing to evaluate yet")
+    print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
+          f"{_tracking_uri()})")
+    return 0
+
+
+def _tracking_uri() -> str:
+    from tia2.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+# --- the parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS,
+                        help="store root (default: $TIA2_STORE or ./storage)")
+    parser = argparse.ArgumentParser(
+        prog="tia2", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark text-to-image reward models against human labels (TIA2) and "
+                    "fine-tune generators against them.",
+        epilog=EPILOG)
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: local mlruns/)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text, description=""):
+        p = sub.add_parser(name, parents=[common], help=help_text,
+                           description=textwrap.dedent(description or help_text),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("ingest-tia2", cmd_ingest, "read the TIA2 benchmark (prompts, contrast sets, labels) into the store", """\
+        Read the TIA2 benchmark into the store: prompts, contrast prompts (method `dataset`),
+        images (file names, no pixels) and the three human labels of every image.
+        SOURCE is a folder laid out like the release (human_annotations/, prompts/) or a base URL.
+        Everything is checked before anything is written; re-running is a no-op.""")
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="folder or base URL (default: $TIA2_SOURCE, else the public TextNorm repository)")
+    p.add_argument("--set", action="append", choices=list(_all_sets()), help="only this set (repeatable)")
+
+    p = add("import-scores", cmd_import_scores, "import reward scores computed elsewhere (Parquet or CSV)", """\
+        Import scores from a Parquet or CSV file with columns
+            set, image, prompt, reward_model, score   [, model_version]
+        one row per (image, text scored against, reward model): the caption and any contrast
+        prompt of the image. Every row is checked against the store (known image, known prompt
+        for that image, finite score, no repeated key); on any problem nothing is written.""")
+    p.add_argument("file", metavar="FILE")
+
+    p = add("metrics", cmd_metrics, "per-caption metrics of reward specs against the human labels", """\
+        Evaluate reward specs with the TIA2 protocol: per caption AUROC, AUPRC, AP@5/10/25,
+        Spearman and Kendall; per-set means printed like the TextNorm paper's Table 2.
+        Stores rows in prompt_metrics and logs the run (tables, ROC/PR plots) to MLflow.
+
+        reward specs:
+          NAME                          a reward model's scores (NAME@VERSION for one version)
+          textnorm(SPEC, tau=T)         TextNorm over the caption's contrast prompts
+          mean(SPEC, SPEC, ...)         mean ensemble
+          ur(SPEC, SPEC, ..., lam=L)    uncertainty-regularised ensemble""")
+    p.add_argument("--reward", action="append", required=True, metavar="SPEC", help="a reward spec (repeatable)")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable; default: all)")
+    p.add_argument("--out", metavar="FILE.csv", help="write the per-caption metrics to this CSV")
+
+    p = add("tune", cmd_tune, "tune TextNorm's tau per model and the ensemble's lambda", """\
+        The TextNorm paper's light tuning: for each reward model and set, the tau of
+        textnorm(MODEL, tau=...) with the best mean of AP@5/10/25; with two or more models, the
+        lambda of ur(textnorm(M1, tau=best), ..., lam=...) per set. Logs the grid and a plot.""")
+    p.add_argument("--reward-model", action="append", required=True, metavar="NAME",
+                   help="a reward model with stored scores (repeatable)")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
+    p.add_argument("--tau", type=_csv_list, metavar="T1,T2,...", help="tau grid (default: 16 values 0.001..100)")
+    p.add_argument("--lam", type=_csv_list, metavar="L1,L2,...", help="lambda grid (default: 0..10)")
+
+    p = add("sql", cmd_sql, "run a read-only SQL query over the store's tables", """\
+        Run one read-only query (SELECT, EXPLAIN) over the DuckDB catalog of the store. Tables:
+        prompts, contrast_prompts, images, labels, scores, prompt_metrics.
+        Example: tia2 sql "SELECT reward, set, avg(auroc) FROM prompt_metrics GROUP BY ALL" """)
+    p.add_argument("query", metavar="QUERY")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    fmt.add_argument("--json", action="store_true", help="print JSON records")
+
+    from tia2.config import CONFIG_KEYS
+
+    p = add("benchmark", cmd_benchmark, "run the tia2-benchmark flow locally (no server needed)",
+            "Run the tia2-benchmark Prefect flow in this process. Config keys:\n"
+            + "\n".join(f"  {k:<12} {v}" for k, v in CONFIG_KEYS.items()))
+    p.add_argument("--config", default="tiny", metavar="PROFILE|FILE",
+                   help="profile name in configs/ (tiny, paper) or a YAML file (default: tiny)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.store = getattr(args, "store", None)
+    if args.mlflow_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"tia2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

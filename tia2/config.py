@@ -1,0 +1,61 @@
+"""Run configuration: profiles (`configs/<name>.yaml`) and the process environment of a run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from tia2.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = PROJECT_ROOT / "configs"
+# Every key a benchmark config may set, with its meaning (also printed by `tia2 benchmark --help`).
+CONFIG_KEYS = {
+    "store": "store root (default: TIA2_STORE or ./storage)",
+    "tia2_source": "folder or base URL of the TIA2 release (default: TIA2_SOURCE, else the public repository)",
+    "sets": "TIA2 sets to ingest and evaluate (comprehensive, counting, composition)",
+    "score_files": "score files (Parquet/CSV) to import before the metrics",
+    "rewards": "reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)",
+}
+
+
+def load_config(profile_or_path: str) -> dict:
+    """A profile name (tiny, paper) or a YAML file path; unknown keys are an error."""
+    path = Path(profile_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{profile_or_path}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+            raise UserError(f"unknown profile {profile_or_path!r} (profiles: {', '.join(names)}; "
+                            f"or give a YAML file)")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: no such config file") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(CONFIG_KEYS)})")
+    return config
+
+
+def set_prefect_defaults() -> None:
+    """Keep Prefect's state in the project (not the home folder) and quiet offline; call before
+    importing prefect. Values already in the environment win."""
+    home = Path(os.environ.get("PREFECT_HOME", ".prefect")).resolve()
+    defaults = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

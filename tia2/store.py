@@ -1,0 +1,397 @@
+"""The store: every path and schema of the project's data lives here.
+
+Layout under the store root (default ``./storage``)::
+
+    <table>.parquet        small tables, rewritten whole on each change (temp file + rename)
+    scores/part-*.parquet  the score table, append-only parts (only missing keys are appended)
+    images/                generated images, content-addressed
+    tia2.duckdb            DuckDB catalog: one view per table, absolute paths, rebuilt atomically
+    .locks/                one lock file per table; writers hold it while they read-modify-write
+    .store_id              random id of this store's life; part of every stage's cache key
+
+Every write checks the schema, never leaves a half-written file (readers see the old or the new
+file, never a torn one) and is idempotent on the table's key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tia2.errors import UserError
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    schema: pa.Schema
+    key: tuple[str, ...]
+    append_only: bool = False  # stored as parts; existing keys are never rewritten
+
+
+def _schema(*fields: tuple[str, pa.DataType, bool]) -> pa.Schema:
+    return pa.schema([pa.field(name, dtype, nullable=nullable) for name, dtype, nullable in fields])
+
+
+TABLES: dict[str, TableSpec] = {
+    "prompts": TableSpec(
+        _schema(
+            ("prompt_id", pa.string(), False),
+            ("text", pa.string(), False),
+            ("set", pa.string(), False),
+            ("category", pa.string(), True),
+            ("subcategory", pa.string(), True),
+            ("source", pa.string(), False),
+        ),
+        key=("prompt_id",),
+    ),
+    "contrast_prompts": TableSpec(
+        _schema(
+            ("prompt_id", pa.string(), False),
+            ("text", pa.string(), False),
+            ("method", pa.string(), False),
+            ("generator", pa.string(), True),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("prompt_id", "text", "method"),
+    ),
+    # `ordinal` (the image's position among its prompt's images: benchmark file order, or the
+    # generation index) is not in DESIGN.md's list: AP@k breaks reward ties by it.
+    "images": TableSpec(
+        _schema(
+            ("image_id", pa.string(), False),
+            ("prompt_id", pa.string(), False),
+            ("set", pa.string(), False),
+            ("file", pa.string(), False),
+            ("ordinal", pa.int32(), False),
+            ("seed", pa.int64(), True),
+            ("generator", pa.string(), True),
+            ("lora", pa.string(), True),
+            ("steps", pa.int32(), True),
+            ("guidance", pa.float64(), True),
+            ("path", pa.string(), True),
+            ("sha256", pa.string(), True),
+            ("width", pa.int32(), True),
+            ("height", pa.int32(), True),
+        ),
+        key=("image_id",),
+    ),
+    "labels": TableSpec(
+        _schema(
+            ("image_id", pa.string(), False),
+            ("annotator", pa.int32(), False),
+            ("label", pa.int8(), False),
+        ),
+        key=("image_id", "annotator"),
+    ),
+    "scores": TableSpec(
+        _schema(
+            ("image_id", pa.string(), False),
+            ("text", pa.string(), False),
+            ("reward_model", pa.string(), False),
+            ("model_version", pa.string(), False),
+            ("score", pa.float64(), False),
+            ("run_id", pa.string(), True),
+            ("scored_at", TIMESTAMP, False),
+        ),
+        key=("image_id", "text", "reward_model", "model_version"),
+        append_only=True,
+    ),
+    "prompt_metrics": TableSpec(
+        _schema(
+            ("set", pa.string(), False),
+            ("prompt_id", pa.string(), False),
+            ("prompt", pa.string(), False),
+            ("reward", pa.string(), False),
+            ("n_images", pa.int32(), False),
+            ("human", pa.float64(), False),
+            ("auroc", pa.float64(), True),
+            ("auprc", pa.float64(), True),
+            ("ap5", pa.float64(), True),
+            ("ap10", pa.float64(), True),
+            ("ap25", pa.float64(), True),
+            ("spearman", pa.float64(), True),
+            ("kendall", pa.float64(), True),
+            ("run_id", pa.string(), True),
+        ),
+        key=("set", "prompt_id", "reward"),
+    ),
+}
+
+
+def stable_id(*parts: str) -> str:
+    """A short, stable identifier for a tuple of strings (prompt ids, TIA2 image ids)."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    added: int
+    already_present: int
+
+
+class Store:
+    """A store rooted at a folder. Opening creates the layout; it never deletes data."""
+
+    CATALOG = "tia2.duckdb"
+
+    def __init__(self, root: str | os.PathLike, *, create: bool = True):
+        self.root = Path(root).expanduser().resolve()
+        if not create and not (self.root / ".store_id").exists():
+            raise UserError(f"no store at {self.root}: create one with `tia2 ingest-tia2`, "
+                            f"or point --store / TIA2_STORE at an existing one")
+        try:
+            for sub in (self.root, self.root / ".locks", self.root / "scores", self.images_dir):
+                sub.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
+        id_file = self.root / ".store_id"
+        if not id_file.exists():
+            _atomic_write_bytes(id_file, uuid.uuid4().hex.encode())
+        self.store_id = id_file.read_text().strip()
+        for name, spec in TABLES.items():
+            if not spec.append_only and not self._file(name).exists():
+                self._write_file(self._file(name), spec.schema.empty_table())
+        self.refresh_catalog()
+
+    # --- paths ---------------------------------------------------------------------------
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / self.CATALOG
+
+    def _file(self, table: str) -> Path:
+        return self.root / f"{table}.parquet"
+
+    def _glob(self, table: str) -> str:
+        if TABLES[table].append_only:
+            return str(self.root / table / "*.parquet")
+        return str(self._file(table))
+
+    def _parts(self, table: str) -> list[Path]:
+        return sorted((self.root / table).glob("*.parquet"))
+
+    # --- reading -------------------------------------------------------------------------
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with one view per table (holds no file lock)."""
+        con = duckdb.connect()
+        for name in TABLES:
+            con.execute(self._view_sql(name))
+        return con
+
+    def _view_sql(self, table: str) -> str:
+        if TABLES[table].append_only and not self._parts(table):
+            cols = ", ".join(
+                f"CAST(NULL AS {_DUCKDB_TYPES[f.type]}) AS \"{f.name}\"" for f in TABLES[table].schema
+            )
+            return f"CREATE OR REPLACE VIEW {table} AS SELECT {cols} WHERE false"
+        path = self._glob(table).replace("'", "''")
+        return f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{path}')"
+
+    def read(self, table: str) -> pa.Table:
+        if TABLES[table].append_only:
+            with self.connect() as con:
+                return con.sql(f"SELECT * FROM {table}").to_arrow_table().cast(TABLES[table].schema)
+        return pq.read_table(self._file(table), schema=TABLES[table].schema)
+
+    def fingerprint(self, *tables: str) -> str:
+        """Changes whenever any of the tables' files change; used in stage cache keys."""
+        h = hashlib.sha256(self.store_id.encode())
+        for table in tables:
+            files = self._parts(table) if TABLES[table].append_only else [self._file(table)]
+            for f in files:
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def query_readonly(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Run one read-only statement through the catalog (what `tia2 sql` runs).
+
+        Only SELECT / EXPLAIN are accepted, the catalog is opened read-only, and DuckDB is locked
+        to the store's folder: no attaching, extension loading or file access outside it.
+        """
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise UserError(f"SQL error: {exc}") from exc
+        if len(statements) != 1:
+            raise UserError(f"give exactly one SQL statement (got {len(statements)})")
+        kind = statements[0].type
+        if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+            raise UserError(f"only read-only queries (SELECT, EXPLAIN) are allowed, not "
+                            f"{kind.name}: the catalog is read-only; change data with tia2 commands")
+        self.refresh_catalog()
+        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        with duckdb.connect(str(self.catalog_path), read_only=True, config=config) as con:
+            con.execute(f"SET allowed_directories = ['{str(self.root).replace(chr(39), chr(39) * 2)}/']")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            try:
+                cursor = con.execute(sql)
+                return [d[0] for d in cursor.description], cursor.fetchall()
+            except duckdb.PermissionException as exc:
+                raise UserError(f"not allowed: {str(exc).splitlines()[0]} (queries may only read "
+                                f"the store's tables)") from exc
+            except duckdb.Error as exc:
+                raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+
+    # --- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, table: str):
+        """Exclusive lock on one table across processes, for a read-modify-write."""
+        with open(self.root / ".locks" / f"{table}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def conform(self, table: str, rows: pa.Table) -> pa.Table:
+        """Check `rows` against the table's schema and return them in its column order and types."""
+        spec = TABLES[table]
+        expected = set(spec.schema.names)
+        missing = expected - set(rows.column_names)
+        extra = set(rows.column_names) - expected
+        if missing or extra:
+            raise ValueError(
+                f"rows for table {table!r} do not match its schema: "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        try:
+            rows = rows.select(spec.schema.names).cast(spec.schema, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"rows for table {table!r} have the wrong types: {exc}") from exc
+        for field in spec.schema:
+            if not field.nullable and rows.column(field.name).null_count:
+                raise ValueError(f"table {table!r}: column {field.name!r} has null values")
+        return rows
+
+    def upsert(self, table: str, rows: pa.Table, *, replace: bool = True) -> int:
+        """Insert rows into a small table and return how many keys are new.
+
+        A row whose key is stored replaces it (or, with replace=False, is dropped). When nothing
+        changes the file is left untouched, so fingerprints and cache keys stay the same.
+        """
+        spec = TABLES[table]
+        assert not spec.append_only, f"{table} is append-only: use append_missing"
+        rows = self.conform(table, rows)
+        key = ", ".join(f'"{k}"' for k in spec.key)
+        with self.lock(table), duckdb.connect() as con:
+            con.register("new_rows", rows)
+            if con.execute(f"SELECT count(*) - count(DISTINCT ({key})) FROM new_rows").fetchall()[0][0]:
+                raise ValueError(f"table {table!r}: the new rows repeat a key ({key})")
+            con.register("old_rows", pq.read_table(self._file(table), schema=spec.schema))
+            if not replace:
+                rows = con.sql(f"SELECT * FROM new_rows ANTI JOIN old_rows USING ({key})").to_arrow_table()
+                con.register("new_rows", rows)
+            added = con.execute(
+                f"SELECT count(*) FROM new_rows ANTI JOIN old_rows USING ({key})"
+            ).fetchall()[0][0]
+            changed = con.execute(
+                "SELECT count(*) FROM (SELECT * FROM new_rows EXCEPT SELECT * FROM old_rows)"
+            ).fetchall()[0][0]
+            if not changed:
+                return 0
+            merged = con.sql(
+                f"SELECT * FROM old_rows ANTI JOIN new_rows USING ({key}) "
+                f"UNION ALL BY NAME SELECT * FROM new_rows"
+            ).to_arrow_table()
+            self._write_file(self._file(table), merged.select(spec.schema.names).cast(spec.schema))
+        return added
+
+    def append_missing(self, table: str, rows: pa.Table, *, compare: str) -> AppendResult:
+        """Append the rows whose key is not yet stored (an append-only table).
+
+        A stored row with the same key but a different value in column `compare` is a conflict:
+        nothing is written and ValueError names how many there are.
+        """
+        spec = TABLES[table]
+        assert spec.append_only
+        rows = self.conform(table, rows)
+        key = ", ".join(f'"{k}"' for k in spec.key)
+        with self.lock(table), self.connect() as con:
+            con.register("new_rows", rows)
+            conflicts = con.execute(
+                f"SELECT count(*) FROM new_rows n JOIN {table} o USING ({key}) "
+                f'WHERE n."{compare}" IS DISTINCT FROM o."{compare}"'
+            ).fetchall()[0][0]
+            if conflicts:
+                raise ValueError(
+                    f"{conflicts} rows have a key already stored in {table!r} with a different "
+                    f"{compare}"
+                )
+            fresh = con.sql(
+                f"SELECT * FROM new_rows ANTI JOIN {table} USING ({key})"
+            ).to_arrow_table()
+            if fresh.num_rows:
+                first_part = not self._parts(table)
+                part = self.root / table / f"part-{uuid.uuid4().hex}.parquet"
+                self._write_file(part, fresh.select(spec.schema.names).cast(spec.schema))
+                if first_part:
+                    self.refresh_catalog()
+        return AppendResult(added=fresh.num_rows, already_present=rows.num_rows - fresh.num_rows)
+
+    @staticmethod
+    def _write_file(path: Path, table: pa.Table) -> None:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # --- the DuckDB catalog --------------------------------------------------------------
+    def refresh_catalog(self) -> None:
+        """Rebuild tia2.duckdb when its views would change, by writing a new file and renaming it.
+
+        Readers keep the old file open and are never blocked; no writer holds the catalog open.
+        """
+        sql = ";\n".join(self._view_sql(t) for t in TABLES) + ";\n"
+        stamp = self.root / ".catalog.sql"
+        if self.catalog_path.exists() and stamp.exists() and stamp.read_text() == sql:
+            return
+        with self.lock("_catalog"):
+            tmp = self.root / f".{self.CATALOG}.{uuid.uuid4().hex}.tmp"
+            try:
+                with duckdb.connect(str(tmp)) as con:
+                    con.execute(sql)
+                os.replace(tmp, self.catalog_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+                Path(f"{tmp}.wal").unlink(missing_ok=True)
+            _atomic_write_bytes(stamp, sql.encode())
+
+
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.float64(): "DOUBLE",
+    pa.int64(): "BIGINT",
+    pa.int32(): "INTEGER",
+    pa.int8(): "TINYINT",
+    TIMESTAMP: "TIMESTAMPTZ",
+}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def default_store_root() -> str:
+    return os.environ.get("TIA2_STORE", "storage")
