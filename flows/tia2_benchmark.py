@@ -19,7 +19,7 @@ import mlflow  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
 
 from tasks.ingest import DEFAULT_SOURCE, SETS, ingest_tia2  # noqa: E402
 from tasks.metrics import format_table2, record_metrics  # noqa: E402
@@ -28,7 +28,8 @@ from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import Store  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
 
-CACHED = INPUTS + TASK_SOURCE
+# The MLflow parent run differs every run and must not enter the cache key.
+CACHED = (INPUTS - "parent_run_id") + TASK_SOURCE
 
 
 def source_fingerprint(source: str) -> str:
@@ -80,8 +81,7 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
     sets = tuple(sets)
     data = Store(store)
     params = {"store": str(data.root), "tia2_source": tia2_source, "sets": sets, "rewards": specs}
-    tags = {"prefect.flow_run_id": str(flow_run.get_id()),
-            "prefect.deployment": str(flow_run.get_deployment_id() or "")}
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
     with stage_run("tia2-benchmark", params, tags=tags) as parent:
         parent_id = parent.info.run_id
         ingest = ingest_task(str(data.root), tia2_source, sets, source_fingerprint(tia2_source),

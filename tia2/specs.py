@@ -135,11 +135,13 @@ class _Parser:
                 if keywords:
                     self.fail("a spec cannot follow a keyword argument", tok[2])
                 positional.append(self.spec())
-            if self.take()[1] == ")":
+            if self.peek() is None:
+                self.fail(f"unbalanced parentheses: {word}( is never closed", len(self.text))
+            separator = self.take()
+            if separator[1] == ")":
                 break
-            # the token just taken was not ")": it must have been ","
-            if self.tokens[self.pos - 1][1] != ",":
-                self.fail("expected ',' or ')'", self.tokens[self.pos - 1][2])
+            if separator[1] != ",":
+                self.fail("expected ',' or ')'", separator[2])
         return _FUNCTIONS[word](self, word, column, positional, keywords)
 
     def number(self, fn: str, name: str, raw: tuple[str, int], *, positive: bool) -> float:

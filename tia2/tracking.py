@@ -55,7 +55,7 @@ def stage_run(stage: str, params: dict, parent_run_id: str | None = None,
 
     experiment_id = _experiment_id()
     with mlflow.start_run(run_name=stage, experiment_id=experiment_id,
-                          parent_run_id=parent_run_id, tags={"tia2.stage": stage, **(tags or {})}) as run:
+                          parent_run_id=parent_run_id, nested=parent_run_id is not None, tags={"tia2.stage": stage, **(tags or {})}) as run:
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         yield run
 

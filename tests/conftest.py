@@ -1,0 +1,93 @@
+"""Shared fixtures: the real TIA2 release from ../shared (tests using it skip cleanly when it is
+absent), a small constructed release for error cases, and an isolated MLflow/Prefect state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_TIA2 = PROJECT.parent / "shared" / "data" / "tia2"
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tmp_path_factory, monkeypatch):
+    """Each test logs to its own MLflow store and never touches the project's mlruns/."""
+    root = tmp_path_factory.mktemp("mlruns")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    monkeypatch.delenv("TIA2_STORE", raising=False)
+    monkeypatch.delenv("TIA2_SOURCE", raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tia2_source() -> Path:
+    if not (SHARED_TIA2 / "human_annotations").is_dir():
+        pytest.skip("../shared/data/tia2 is not present")
+    return SHARED_TIA2
+
+
+@pytest.fixture(scope="session")
+def real_scores_file(tmp_path_factory, tia2_source) -> Path:
+    """Synthetic scores of two models for every image of the real benchmark, caption and
+    contrast rows, in the import format."""
+    import pyarrow.parquet as pq
+
+    from tasks.ingest import ingest_tia2
+    from tia2.store import Store
+    from tia2.synthetic import synthetic_score_table
+
+    scratch = Store(tmp_path_factory.mktemp("scratch") / "store")
+    ingest_tia2(scratch, str(tia2_source))
+    path = tmp_path_factory.mktemp("scores") / "scores.parquet"
+    pq.write_table(synthetic_score_table(scratch, {"alpha": 2.0, "beta": 0.7}, seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory, tia2_source, real_scores_file):
+    """The real benchmark ingested once per session, with `real_scores_file` imported.
+    Tests must not write to it (use `copy_store`)."""
+    from tasks.ingest import ingest_tia2
+    from tasks.score import import_scores
+    from tia2.store import Store
+
+    store = Store(tmp_path_factory.mktemp("real") / "store")
+    ingest_tia2(store, str(tia2_source))
+    import_scores(store, real_scores_file)
+    return store
+
+
+def make_release(root: Path, captions_per_set: int = 2, images_per_caption: int = 4) -> Path:
+    """A small release in the TIA2 layout: every set, a few captions with 3-prompt contrast sets.
+    Image labels alternate so that every caption is included (labels not all equal)."""
+    for sub in ("human_annotations", "prompts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for s, set_name in enumerate(("comprehensive", "counting", "composition")):
+        labels, prompts = {}, {}
+        for c in range(captions_per_set):
+            caption = f"a photo of {c + 2} {set_name} things"
+            prompts[caption] = [f"a photo of {c + 5} {set_name} things", f"a drawing of {set_name}",
+                                f"a photo of {set_name} and a cat"]
+            for i in range(images_per_caption):
+                name = f"image_{s}_{c}_{i}.jpg"
+                votes = [1, 1, 0] if i % 2 == 0 else [0, -1, 1]
+                labels[name] = {"image": name, "caption": caption, "human_labels": votes}
+        (root / "human_annotations" / f"human_labels_{set_name}.json").write_text(json.dumps(labels))
+        (root / "prompts" / f"prompt_set_{set_name}.json").write_text(json.dumps(prompts))
+    return root
+
+
+@pytest.fixture
+def mini_release(tmp_path) -> Path:
+    return make_release(tmp_path / "release")
+
+
+def copy_store(store, dest: Path):
+    from tia2.store import Store
+
+    shutil.copytree(store.root, dest)
+    return Store(dest)
