@@ -4,10 +4,10 @@ The protocol is DESIGN.md's (it reproduces the TextNorm paper's Table 2): per ca
 AUPRC, AP@5/10/25 on the top-k images, Spearman ρ and Kendall τ-b against the graded label; a
 set's value is the unweighted mean over captions whose binary labels are not all equal.
 
-The per-caption functions below compute exactly what scikit-learn's `roc_auc_score`,
+The metric functions below compute exactly what scikit-learn's `roc_auc_score`,
 `average_precision_score` and scipy's `spearmanr` / `kendalltau` compute (the tests compare
-them on tie-heavy cases); they are written on numpy because the library calls cost ~1 ms each
-and a run evaluates thousands of captions.
+them on tie-heavy cases); they are written on numpy over many captions at once because the
+library calls cost ~1 ms each and a run evaluates thousands of captions.
 """
 
 from __future__ import annotations
@@ -32,75 +32,77 @@ CSV_COLUMNS = ["set", "prompt", "reward", "n_images", "human", *METRICS]
 SET_LABELS = {"comprehensive": "C100", "counting": "C150", "composition": "C300"}
 
 
-# --- per-caption metrics ---------------------------------------------------------------------
-def auroc(z: np.ndarray, r: np.ndarray) -> float:
-    """roc_auc_score(z, r): the Mann–Whitney statistic with average ranks for ties."""
-    pos = z.sum()
-    neg = len(z) - pos
-    ranks = rankdata(r)
-    return float((ranks[z == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+# --- per-caption metrics, for many captions at once ---------------------------------------------
+def batch_metrics(z: np.ndarray, graded: np.ndarray, r: np.ndarray,
+                  which: tuple[str, ...] = METRICS) -> dict[str, np.ndarray]:
+    """The protocol's metrics for m captions of n images each: one row per caption, images in
+    benchmark order. Returns one array of m values per metric."""
+    out = {}
+    order = np.argsort(-r, axis=1, kind="stable")  # descending; ties keep benchmark order
+    r_sorted = np.take_along_axis(r, order, axis=1)
+    z_sorted = np.take_along_axis(z, order, axis=1)
+    if "auroc" in which or "spearman" in which:
+        r_ranks = rankdata(r, axis=1)
+    if "auroc" in which:
+        pos = z.sum(axis=1)
+        out["auroc"] = ((r_ranks * z).sum(axis=1) - pos * (pos + 1) / 2) / (pos * (z.shape[1] - pos))
+    if "auprc" in which:
+        out["auprc"] = _average_precision_sorted(z_sorted, r_sorted)
+    for k in (5, 10, 25):
+        if f"ap{k}" in which:
+            out[f"ap{k}"] = _average_precision_sorted(z_sorted[:, :k], r_sorted[:, :k])
+    if "spearman" in which:
+        out["spearman"] = _pearson_rows(r_ranks, rankdata(graded, axis=1))
+    if "kendall" in which:
+        out["kendall"] = _kendall_tau_b_rows(r, graded)
+    return {name: out[name] for name in which}
+
+
+def _average_precision_sorted(z: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """average_precision_score per row of rows sorted by descending r: Σ (R_n − R_{n−1}) P_n over
+    distinct thresholds. Each positive adds 1/P times the precision at the end of its tie group;
+    0.0 for a row without positives."""
+    n = r.shape[1]
+    tps = np.cumsum(z, axis=1)
+    precision = tps / np.arange(1, n + 1)
+    is_end = np.ones_like(r, dtype=bool)
+    is_end[:, :-1] = r[:, :-1] != r[:, 1:]
+    positions = np.where(is_end, np.arange(n), n)
+    end_of_group = np.minimum.accumulate(positions[:, ::-1], axis=1)[:, ::-1]
+    pos = tps[:, -1]
+    weighted = (z * np.take_along_axis(precision, end_of_group, axis=1)).sum(axis=1)
+    return np.divide(weighted, pos, out=np.zeros(len(pos)), where=pos > 0)
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    return np.divide((a * b).sum(axis=1), denom, out=np.full(len(a), np.nan), where=denom > 0)
+
+
+def _kendall_tau_b_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """scipy.stats.kendalltau (variant b) per row, from the signs of all pairs (n is small)."""
+    i, j = np.triu_indices(x.shape[1], k=1)
+    dx, dy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    denom = np.sqrt(np.count_nonzero(dx, axis=1).astype(float) * np.count_nonzero(dy, axis=1))
+    return np.divide((dx * dy).sum(axis=1), denom, out=np.full(len(x), np.nan), where=denom > 0)
+
+
+def caption_metrics(z, graded, r, which: tuple[str, ...] = METRICS) -> dict[str, float]:
+    """The protocol's metrics for one caption's images (in benchmark order)."""
+    batch = batch_metrics(*(np.asarray(a)[None, :] for a in (z, graded, r)), which)
+    return {name: float(values[0]) for name, values in batch.items()}
 
 
 def threshold_counts(z: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """True and false positives at each distinct score threshold, from the highest down
-    (scikit-learn's `_binary_clf_curve`)."""
+    (scikit-learn's `_binary_clf_curve`); for the ROC and PR plots."""
     order = np.argsort(-r, kind="stable")
     r_sorted = r[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(r_sorted)), len(r_sorted) - 1]
+    last_of_tie = np.append(np.flatnonzero(np.diff(r_sorted)), len(r_sorted) - 1)
     tps = np.cumsum(z[order])[last_of_tie]
     return tps, last_of_tie + 1 - tps
-
-
-def average_precision(z: np.ndarray, r: np.ndarray) -> float:
-    """average_precision_score(z, r): Σ (R_n − R_{n−1}) P_n over distinct score thresholds."""
-    tps, fps = threshold_counts(z, r)
-    if tps[-1] == 0:
-        return 0.0
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def ap_at_k(z: np.ndarray, r: np.ndarray, k: int) -> float:
-    """AP on the k highest-reward images (stable: ties keep benchmark order); 0 if none positive."""
-    top = np.argsort(-r, kind="stable")[:k]
-    return average_precision(z[top], r[top])
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return _pearson(rankdata(x), rankdata(y))
-
-
-def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """scipy.stats.kendalltau(x, y) (variant b), by pairwise signs (n is small: 50 per caption)."""
-    upper = np.triu_indices(len(x), k=1)
-    dx = np.sign(np.subtract.outer(x, x))[upper]
-    dy = np.sign(np.subtract.outer(y, y))[upper]
-    untied_x, untied_y = np.count_nonzero(dx), np.count_nonzero(dy)
-    if untied_x == 0 or untied_y == 0:
-        return float("nan")
-    return float(np.dot(dx, dy) / np.sqrt(float(untied_x) * float(untied_y)))
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
-    return float(np.dot(a, b) / denom) if denom > 0 else float("nan")
-
-
-def caption_metrics(z: np.ndarray, graded: np.ndarray, r: np.ndarray,
-                    which: tuple[str, ...] = METRICS) -> dict[str, float]:
-    """The protocol's metrics for one caption's images (in benchmark order)."""
-    fns = {
-        "auroc": lambda: auroc(z, r),
-        "auprc": lambda: average_precision(z, r),
-        "ap5": lambda: ap_at_k(z, r, 5),
-        "ap10": lambda: ap_at_k(z, r, 10),
-        "ap25": lambda: ap_at_k(z, r, 25),
-        "spearman": lambda: spearman(r, graded),
-        "kendall": lambda: kendall_tau_b(r, graded),
-    }
-    return {name: fns[name]() for name in which}
 
 
 # --- over a frame ----------------------------------------------------------------------------
@@ -113,8 +115,9 @@ class Captions:
 
     @classmethod
     def of(cls, frame: pd.DataFrame) -> Captions:
-        starts = np.flatnonzero(np.r_[True, frame["prompt_id"].to_numpy()[1:] != frame["prompt_id"].to_numpy()[:-1]])
-        stops = np.r_[starts[1:], len(frame)]
+        prompt_ids = frame["prompt_id"].to_numpy()
+        starts = np.flatnonzero(np.append(True, prompt_ids[1:] != prompt_ids[:-1]))
+        stops = np.append(starts[1:], len(frame))
         z = frame["z"].to_numpy()
         bounds, keys = [], []
         for a, b in zip(starts, stops):
@@ -126,11 +129,17 @@ class Captions:
         return cls(frame, bounds, pd.DataFrame(keys, columns=["set", "prompt_id", "prompt", "n_images", "human"]))
 
     def evaluate(self, rewards: np.ndarray, which: tuple[str, ...] = METRICS) -> pd.DataFrame:
-        z = self.frame["z"].to_numpy()
-        graded = self.frame["graded"].to_numpy()
-        rows = [caption_metrics(z[a:b], graded[a:b], rewards[a:b], which) for a, b in self.bounds]
-        return pd.concat([self.keys, pd.DataFrame(rows, columns=list(which))], axis=1)
-
+        """Metrics per included caption; captions with the same number of images go together."""
+        z, graded = self.frame["z"].to_numpy(), self.frame["graded"].to_numpy()
+        starts = np.array([a for a, _ in self.bounds])
+        sizes = np.array([b - a for a, b in self.bounds])
+        values = {name: np.empty(len(self.bounds)) for name in which}
+        for size in np.unique(sizes):
+            captions = np.flatnonzero(sizes == size)
+            rows = starts[captions][:, None] + np.arange(size)
+            for name, result in batch_metrics(z[rows], graded[rows], rewards[rows], which).items():
+                values[name][captions] = result
+        return pd.concat([self.keys, pd.DataFrame(values)], axis=1)
 
     def mean_curves(self, rewards: np.ndarray, set_name: str, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ROC (TPR at each FPR of `grid`) and PR (precision at each recall of `grid`) curves,

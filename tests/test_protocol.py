@@ -11,8 +11,7 @@ from scipy.special import logsumexp
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tasks.metrics import (Captions, ap_at_k, auroc, average_precision, caption_metrics,
-                           kendall_tau_b, spearman)
+from tasks.metrics import Captions, batch_metrics, caption_metrics
 from tasks.rewards import textnorm
 
 
@@ -33,6 +32,18 @@ def _cases(seed=0, n_cases=400):
         yield z, r, graded
 
 
+def auroc(z, r):
+    return caption_metrics(z, z, r, ("auroc",))["auroc"]
+
+
+def average_precision(z, r):
+    return caption_metrics(z, z, r, ("auprc",))["auprc"]
+
+
+def ap_at_k(z, r, k):
+    return caption_metrics(z, z, r, (f"ap{k}",))[f"ap{k}"]
+
+
 def test_auroc_and_auprc_match_sklearn():
     for z, r, _ in _cases():
         assert auroc(z, r) == pytest.approx(roc_auc_score(z, r), abs=1e-12)
@@ -43,40 +54,56 @@ def test_rank_correlations_match_scipy():
     for z, r, graded in _cases(seed=1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected_s = spearmanr(r, graded).statistic
-            expected_k = kendalltau(r, graded).statistic
-        for got, expected in ((spearman(r, graded), expected_s), (kendall_tau_b(r, graded), expected_k)):
-            if np.isnan(expected):
-                assert np.isnan(got)
+            expected = {"spearman": spearmanr(r, graded).statistic, "kendall": kendalltau(r, graded).statistic}
+        got = caption_metrics(z, graded, r, ("spearman", "kendall"))
+        for name, value in expected.items():
+            if np.isnan(value):
+                assert np.isnan(got[name])
             else:
-                assert got == pytest.approx(expected, abs=1e-12)
+                assert got[name] == pytest.approx(value, abs=1e-12)
+
+
+def test_a_batch_equals_captions_one_by_one():
+    rng = np.random.default_rng(5)
+    z = rng.integers(0, 2, (30, 50))
+    z[:, 0], z[:, 1] = 0, 1
+    r = np.round(rng.normal(size=(30, 50)), 1)
+    graded = rng.integers(0, 7, (30, 50)) / 6
+    batch = batch_metrics(z, graded, r)
+    for i in range(30):
+        one = caption_metrics(z[i], graded[i], r[i])
+        assert one == pytest.approx({k: v[i] for k, v in batch.items()}, abs=1e-12)
+        assert one["ap10"] == pytest.approx(
+            average_precision_score(z[i][np.argsort(-r[i], kind="stable")[:10]],
+                                    r[i][np.argsort(-r[i], kind="stable")[:10]])
+            if z[i][np.argsort(-r[i], kind="stable")[:10]].any() else 0.0, abs=1e-12)
 
 
 def test_constant_reward_gives_nan_correlations_like_scipy():
-    r = np.ones(10)
-    graded = np.linspace(0, 1, 10)
-    assert np.isnan(spearman(r, graded)) and np.isnan(kendall_tau_b(r, graded))
+    got = caption_metrics(np.array([0, 1] * 5), np.linspace(0, 1, 10), np.ones(10))
+    assert np.isnan(got["spearman"]) and np.isnan(got["kendall"])
+    assert got["auroc"] == 0.5
 
 
 def test_ap_at_k_uses_the_top_k_with_stable_ties():
-    # Rewards tie at the boundary of the top 2: the earlier image in benchmark order is kept.
-    z = np.array([0, 1, 1, 0, 0])
-    r = np.array([0.5, 0.9, 0.5, 0.1, 0.5])
-    top2 = np.array([1, 0])  # image 1 (0.9), then image 0 (first of the 0.5 ties)
-    assert ap_at_k(z, r, 2) == pytest.approx(average_precision_score(z[top2], r[top2]))
-    assert ap_at_k(z, r, 2) == pytest.approx(1.0)
-    # Reversing the benchmark order changes which tied image is in the top 2.
-    assert ap_at_k(z[::-1].copy(), r[::-1].copy(), 2) == pytest.approx(1.0)
-    z_rev = np.array([0, 1, 0, 0, 0])
-    assert ap_at_k(z_rev, np.array([0.9, 0.5, 0.5, 0.1, 0.5]), 2) == pytest.approx(
-        average_precision_score([0, 1], [0.9, 0.5]))
+    # Rewards tie across the boundary of the top 5: the earlier images in benchmark order are kept.
+    z = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    r = np.array([0.9, 0.5, 0.5, 0.8, 0.5, 0.5, 0.1, 0.5])
+    top5 = np.array([0, 3, 1, 2, 4])  # 0.9, 0.8, then the first three of the five 0.5 ties
+    assert ap_at_k(z, r, 5) == pytest.approx(average_precision_score(z[top5], r[top5]))
+    # Another benchmark order of the same images puts other tied images in the top 5.
+    perm = np.array([0, 3, 2, 5, 6, 1, 4, 7])
+    zp, rp = z[perm], r[perm]
+    top5p = np.array([0, 1, 2, 3, 5])
+    assert ap_at_k(zp, rp, 5) == pytest.approx(average_precision_score(zp[top5p], rp[top5p]))
+    assert ap_at_k(z, r, 5) != pytest.approx(ap_at_k(zp, rp, 5))
 
 
 def test_ap_at_k_is_zero_without_a_positive_in_the_top_k():
     z = np.array([0, 0, 0, 0, 0, 1])
     r = np.array([6, 5, 4, 3, 2, 1.0])
     assert ap_at_k(z, r, 5) == 0.0
-    assert ap_at_k(z, r, 6) == pytest.approx(average_precision_score(z, r))
+    assert ap_at_k(z, r, 10) == pytest.approx(average_precision_score(z, r))
 
 
 def test_ap_at_k_larger_than_the_caption_uses_all_images():

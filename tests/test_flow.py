@@ -1,0 +1,78 @@
+"""The tia2-benchmark flow run locally (ephemeral Prefect API, no server), and the console script."""
+
+import subprocess
+import sys
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PROJECT
+from tia2.store import Store
+from tia2.synthetic import synthetic_score_table
+
+pytestmark = pytest.mark.slow
+
+
+def _run_benchmark(config, env):
+    return subprocess.run([sys.executable, "-m", "tia2.cli", "benchmark", "--config", str(config)],
+                          cwd=env["cwd"], env=env["env"], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def flow_env(tmp_path, mini_release, isolated_tracking, monkeypatch):
+    import os
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), TIA2_SOURCE=str(mini_release),
+               MLFLOW_TRACKING_URI=f"sqlite:///{isolated_tracking}/mlflow.db",
+               PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(PROJECT))
+    return {"cwd": tmp_path, "env": env}
+
+
+def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_env):
+    store_root = tmp_path / "store"
+    # Scores for the mini release, in the import format.
+    scratch = Store(tmp_path / "scratch")
+    from tasks.ingest import ingest_tia2
+
+    ingest_tia2(scratch, str(mini_release))
+    pq.write_table(synthetic_score_table(scratch, {"m1": 2.0, "m2": 1.0}), tmp_path / "scores.parquet")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"store: {store_root}\nscore_files: [{tmp_path / 'scores.parquet'}]\n"
+                      "rewards: [m1, 'textnorm(m1, tau=0.5)', 'mean(m1, m2)']\n")
+
+    first = _run_benchmark(config, flow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "C150 (2)" in first.stdout and "textnorm(m1, tau=0.5)" in first.stdout
+    assert Store(store_root).read("prompt_metrics").num_rows == 6 * 3
+
+    second = _run_benchmark(config, flow_env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    task_lines = [line for line in second.stderr.splitlines() if "Task run" in line and "Finished" in line]
+    assert len(task_lines) == 3 and all("Cached" in line for line in task_lines), task_lines
+
+    # One parent run per flow run, stages nested under it, tagged with the flow run id.
+    runs = mlflow.search_runs(experiment_names=["tia2"], output_format="list")
+    parents = [r for r in runs if r.info.run_name == "tia2-benchmark"]
+    assert len(parents) == 2 and all(r.data.tags.get("prefect.flow_run_id") for r in parents)
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id}
+    assert children == {"ingest-tia2", "metrics"}  # the first run's stages; the second was all cached
+
+
+def test_bad_profile_and_bad_setting_are_clear(tmp_path, flow_env):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewardz: [m1]\n")
+    out = _run_benchmark(bad, flow_env)
+    assert out.returncode == 2 and "unknown setting(s) rewardz" in out.stderr
+    out = _run_benchmark("nope", flow_env)
+    assert out.returncode == 2 and "unknown profile 'nope'" in out.stderr
+
+
+def test_every_subcommand_has_help():
+    commands = ["ingest-tia2", "import-scores", "metrics", "tune", "sql", "benchmark"]
+    top = subprocess.run([sys.executable, "-m", "tia2.cli", "--help"], capture_output=True, text=True, cwd=PROJECT)
+    assert top.returncode == 0 and all(c in top.stdout for c in commands)
+    for command in commands:
+        out = subprocess.run([sys.executable, "-m", "tia2.cli", command, "--help"],
+                             capture_output=True, text=True, cwd=PROJECT)
+        assert out.returncode == 0 and "usage: tia2" in out.stdout and "TIA2_STORE" in out.stdout
