@@ -8,6 +8,7 @@ pixels) and labels. Everything is read and checked before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -158,3 +159,65 @@ def ingest_tia2(store: Store, source: str, sets: tuple[str, ...] = SETS) -> dict
         "labels": store.upsert("labels", tables.labels),
     }
     return {"source": source, "new_rows": written, **tables.report}
+
+
+# --- image files ---------------------------------------------------------------------------------
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def _file_facts(path: Path) -> dict:
+    """sha256, width and height of an image file; unreadable files keep their hash, no size."""
+    from PIL import Image, UnidentifiedImageError
+
+    facts = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+             "width": None, "height": None}
+    try:
+        with Image.open(path) as image:
+            facts["width"], facts["height"] = image.size
+    except (UnidentifiedImageError, OSError):
+        pass  # registered anyway: scoring records it in score_failures with the reason
+    return facts
+
+
+def import_images(store: Store, set_name: str, folder: str | Path) -> dict:
+    """Register image files with their sha256.
+
+    If the set is already in the store (e.g. a TIA2 set), files are matched to its images by file
+    name (the TIA2 JPEGs a user downloaded). Otherwise the folder is laid out by caption
+    (`DIR/<caption>/<image files>`) and becomes a new set of prompts and images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    con = store.connect()
+    known = con.sql("SELECT * FROM images WHERE set = $set ORDER BY prompt_id, ordinal",
+                    params={"set": set_name}).to_arrow_table()
+    if known.num_rows:
+        files = {p.name: p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+        rows = [dict(row, **_file_facts(files[row["file"]])) for row in known.to_pylist() if row["file"] in files]
+        unmatched = len(files) - len(rows)
+        if not rows:
+            raise UserError(f"{folder}: none of its {len(files)} image files is an image of set "
+                            f"{set_name!r} (matched by file name)")
+        updated = store.upsert("images", pa.Table.from_pylist(rows))
+        return {"set": set_name, "registered": len(rows), "new_images": updated,
+                "unmatched_files": unmatched, "set_images": known.num_rows}
+    captions = sorted(d for d in folder.iterdir() if d.is_dir())
+    if not captions:
+        raise UserError(f"{folder}: set {set_name!r} is not in the store and the folder has no "
+                        f"caption subfolders (DIR/<caption>/<images>)")
+    prompts, images = [], []
+    for caption_dir in captions:
+        caption = caption_dir.name
+        prompt_id = stable_id(set_name, caption)
+        prompts.append(dict(prompt_id=prompt_id, text=caption, set=set_name, category=None,
+                            subcategory=None, source="import"))
+        files = sorted(p for p in caption_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for ordinal, path in enumerate(files):
+            images.append(dict(image_id=stable_id(set_name, caption, path.name), prompt_id=prompt_id,
+                               set=set_name, file=path.name, ordinal=ordinal, seed=None, generator=None,
+                               lora=None, steps=None, guidance=None, **_file_facts(path)))
+    store.upsert("prompts", pa.Table.from_pylist(prompts))
+    added = store.upsert("images", pa.Table.from_pylist(images))
+    return {"set": set_name, "registered": len(images), "new_images": added, "unmatched_files": 0,
+            "set_images": len(images)}

@@ -1,4 +1,8 @@
-"""Stage: reward scores. For now: importing scores computed elsewhere (`tia2 import-scores`).
+"""Stage: reward scores, computed with a reward model (`tia2 score`) or imported (`tia2
+import-scores`).
+
+Scoring encodes each image once and scores it against its caption and every contrast prompt;
+only rows missing for the model's name and weights identity are computed.
 
 An import file has one row per (image, text, reward model): columns `set, image, prompt,
 reward_model, score` and optionally `model_version`. Every row is checked against the store
@@ -7,15 +11,19 @@ before anything is written; the whole file is then appended in one atomic part.
 
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tia2.errors import UserError
-from tia2.store import Store
+from tia2.store import TIMESTAMP, Store
 
 REQUIRED_COLUMNS = ("set", "image", "prompt", "reward_model", "score")
 IMPORTED_VERSION = "imported"
@@ -121,3 +129,119 @@ def import_scores(store: Store, path: str | Path, run_id: str | None = None) -> 
     return {"rows": rows.num_rows, "added": result.added,
             "already_present": result.already_present, "reward_models": models}
 
+
+
+# --- scoring with a reward model -------------------------------------------------------------------
+def pending_pairs(store: Store, reward_model: str, model_version: str,
+                  sets: list[str] | None = None) -> pd.DataFrame:
+    """(image_id, path, text) still to score: every image with pixels, against its caption and
+    every distinct contrast prompt, minus the rows already stored for this model and version."""
+    con = store.connect()
+    return con.execute(
+        """
+        WITH texts AS (
+            SELECT prompt_id, text FROM prompts
+            UNION SELECT prompt_id, text FROM contrast_prompts),
+        wanted AS (
+            SELECT i.image_id, i.path, t.text FROM images i JOIN texts t USING (prompt_id)
+            WHERE i.path IS NOT NULL AND ($sets IS NULL OR i.set IN (SELECT unnest($sets))))
+        SELECT w.* FROM wanted w ANTI JOIN (
+            SELECT image_id, text FROM scores WHERE reward_model = $model AND model_version = $version) s
+        USING (image_id, text)
+        ORDER BY w.image_id, w.text
+        """,
+        {"sets": sets, "model": reward_model, "version": model_version},
+    ).df()
+
+
+@dataclass
+class ScoreReport:
+    images: int = 0
+    rows_added: int = 0
+    failures: list = field(default_factory=list)   # (image_id, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def score_images(store: Store, model, sets: list[str] | None = None, batch_size: int = 32,
+                 run_id: str | None = None, show_progress: bool = True) -> ScoreReport:
+    """Score every pending (image, text) pair with `model`; each batch of images is appended as
+    one atomic part, so a killed run loses at most the batch in flight and a re-run only
+    computes what is missing. Unreadable images go to `score_failures`."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    pending = pending_pairs(store, model.name, model.identity, sets)
+    by_image = list(pending.groupby("image_id", sort=False))
+    report = ScoreReport()
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    columns = (TextColumn(f"scoring with {model.name}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.1f} images/s"), TimeRemainingColumn())
+    with Progress(*columns, disable=not (show_progress and sys.stderr.isatty())) as progress:
+        task = progress.add_task("score", total=len(by_image), rate=0.0)
+        for first in range(0, len(by_image), batch_size):
+            batch = by_image[first:first + batch_size]
+            images, pairs_image, pairs_text, image_ids = [], [], [], []
+            for image_id, rows in batch:
+                try:
+                    images.append(_load_image(rows["path"].iloc[0]))
+                except Exception as exc:  # PIL raises many kinds for unreadable files
+                    report.failures.append((image_id, f"{type(exc).__name__}: {exc}"))
+                    continue
+                pairs_image += [len(images) - 1] * len(rows)
+                pairs_text += rows["text"].tolist()
+                image_ids += [image_id] * len(rows)
+            if images:
+                with torch.no_grad():
+                    features = model.encode_images(model.preprocess(images).to(device))
+                    scores = model.score_encoded(features, torch.tensor(pairs_image, device=device), pairs_text)
+                rows = pa.table({
+                    "image_id": image_ids, "text": pairs_text, "reward_model": [model.name] * len(image_ids),
+                    "model_version": [model.identity] * len(image_ids), "score": scores.cpu().double().numpy(),
+                    "run_id": pa.array([run_id] * len(image_ids), pa.string()),
+                    "scored_at": pa.array([datetime.now(timezone.utc)] * len(image_ids), TIMESTAMP)})
+                report.rows_added += store.append_missing("scores", rows, compare="score").added
+                report.images += len(images)
+            report.seconds = time.perf_counter() - start
+            progress.update(task, advance=len(batch), rate=report.images_per_second)
+    if report.failures:
+        now = datetime.now(timezone.utc)
+        store.upsert("score_failures", pa.Table.from_pylist([
+            dict(image_id=i, reward_model=model.name, model_version=model.identity, reason=r, failed_at=now)
+            for i, r in report.failures]))
+    return report
+
+
+def record_score(store: Store, model_name: str, weights: str = "pretrained", sets: list[str] | None = None,
+                 batch_size: int = 32, device: str = "cpu", fp16: bool = False, seed: int = 0,
+                 parent_run_id: str | None = None, show_progress: bool = True) -> ScoreReport:
+    """Build the model, score what is missing, log identity, counts and throughput to MLflow."""
+    import mlflow
+
+    from tia2.models import create_reward_model
+    from tia2.tracking import stage_run
+
+    if fp16 and not device.startswith("cuda"):
+        raise UserError("--fp16 needs a GPU (--device cuda): half precision on the CPU is slow and inexact")
+    model = create_reward_model(model_name, weights=weights, seed=seed, device=device)
+    if fp16:
+        model = model.half()
+    params = {"reward_model": model.name, "model_version": model.identity, "sets": sets or "all",
+              "batch_size": batch_size, "device": device, "fp16": fp16}
+    with stage_run("score", params, parent_run_id) as run:
+        report = score_images(store, model, sets, batch_size, run.info.run_id, show_progress)
+        mlflow.log_metrics({"images": report.images, "rows_added": report.rows_added,
+                            "failures": len(report.failures), "images_per_second": report.images_per_second})
+    return report

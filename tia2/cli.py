@@ -68,6 +68,32 @@ def cmd_import_scores(args) -> int:
     return 0
 
 
+def cmd_import_images(args) -> int:
+    from tasks.ingest import import_images
+
+    result = import_images(_store(args, create=False), args.set, args.folder)
+    print(f"set {result['set']}: registered {result['registered']} image files "
+          f"({result['new_images']} new images; the set has {result['set_images']})"
+          + (f"; {result['unmatched_files']} files matched no image of the set" if result["unmatched_files"] else ""))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from tasks.score import record_score
+
+    weights = "random" if args.random_init else args.weights
+    report = record_score(_store(args, create=False), args.reward_model, weights, args.set,
+                          args.batch_size, args.device, args.fp16, args.seed)
+    print(f"{args.reward_model}: scored {report.images} images, {report.rows_added} new score rows, "
+          f"{report.images_per_second:.1f} images/s")
+    if report.failures:
+        print(f"{len(report.failures)} images could not be scored (table score_failures), e.g.:", file=sys.stderr)
+        for image_id, reason in report.failures[:5]:
+            print(f"  {image_id}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_metrics(args) -> int:
     from tasks.metrics import format_table2, record_metrics
     from tia2.specs import parse_spec
@@ -184,6 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
         prompt of the image. Every row is checked against the store (known image, known prompt
         for that image, finite score, no repeated key); on any problem nothing is written.""")
     p.add_argument("file", metavar="FILE")
+
+    p = add("import-images", cmd_import_images, "register image files (with their sha256) for scoring", """\
+        Register image files so they can be scored. If SET is already in the store (a TIA2 set),
+        files are matched to its images by file name (e.g. the TIA2 JPEGs you downloaded).
+        Otherwise FOLDER is laid out by caption, FOLDER/<caption>/<image files>, and becomes a
+        new set of prompts and images.""")
+    p.add_argument("--set", required=True, metavar="SET")
+    p.add_argument("folder", metavar="FOLDER")
+
+    from tia2.models import list_models
+
+    p = add("score", cmd_score, "score the store's images with a reward model", """\
+        Score every image that has pixels against its caption and all its contrast prompts,
+        writing only the rows missing for this model and weights. Safe to kill and re-run.
+        Unreadable images are recorded in score_failures; the command then exits with 1.
+        Models: """ + ", ".join(list_models()))
+    p.add_argument("--reward-model", required=True, metavar="NAME")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
+    p.add_argument("--weights", default="pretrained", metavar="PATH",
+                   help="released weights from the hub/HF cache (default) or a local file/folder")
+    p.add_argument("--random-init", action="store_true", help="the full-size architecture with random weights (timing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
 
     p = add("metrics", cmd_metrics, "per-caption metrics of reward specs against the human labels", """\
         Evaluate reward specs with the TIA2 protocol: per caption AUROC, AUPRC, AP@5/10/25,

@@ -107,6 +107,16 @@ TABLES: dict[str, TableSpec] = {
         key=("image_id", "text", "reward_model", "model_version"),
         append_only=True,
     ),
+    "score_failures": TableSpec(
+        _schema(
+            ("image_id", pa.string(), False),
+            ("reward_model", pa.string(), False),
+            ("model_version", pa.string(), False),
+            ("reason", pa.string(), False),
+            ("failed_at", TIMESTAMP, False),
+        ),
+        key=("image_id", "reward_model", "model_version"),
+    ),
     "prompt_metrics": TableSpec(
         _schema(
             ("set", pa.string(), False),

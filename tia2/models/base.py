@@ -1,0 +1,125 @@
+"""The reward-model interface and the loading of released weights, shared by every family."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from tia2.errors import UserError
+
+
+class RewardModel(torch.nn.Module):
+    """A reward r(image, text) with an image encoder that is run once per image."""
+
+    name: str
+    identity: str  # weights identity: "<source>@sha256:<12 hex>" or "random-init:<seed>"
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def preprocess(self, images) -> torch.Tensor:
+        """The reference preprocessing of a list of PIL images into a pixel batch."""
+        raise NotImplementedError
+
+    def preprocess_tensor(self, images01: torch.Tensor) -> torch.Tensor:
+        """Differentiable preprocessing of a [B, 3, H, W] batch in [0, 1] (decoded latents, for
+        ReFL): resize the short side (bicubic, antialiased), centre crop, normalise."""
+        x = TF.resize(images01, [self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [self.image_size, self.image_size])
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_encoded(self, image_features: torch.Tensor, image_index: torch.Tensor,
+                      texts: list[str]) -> torch.Tensor:
+        """Score pair p = (image_features[image_index[p]], texts[p]) for every p."""
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """One reward per (pixels[i], texts[i]); differentiable in the pixels."""
+        index = torch.arange(len(texts), device=pixels.device)
+        return self.score_encoded(self.encode_images(pixels), index, texts)
+
+
+class DualEncoderRewardModel(RewardModel):
+    """score = scale · cos(image embedding, text embedding); each distinct text is encoded once."""
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_scale(self) -> torch.Tensor | float:
+        return 1.0
+
+    def score_encoded(self, image_features, image_index, texts):
+        distinct = list(dict.fromkeys(texts))
+        position = {t: i for i, t in enumerate(distinct)}
+        text_index = torch.tensor([position[t] for t in texts], device=image_features.device)
+        text_features = self.encode_texts(distinct)
+        return self.score_scale() * (image_features[image_index] * text_features[text_index]).sum(-1)
+
+
+# --- released weights -------------------------------------------------------------------------
+def resolve_weights_file(name: str, released: dict, weights: str) -> Path:
+    """The checkpoint file: `weights` is "pretrained" (hub or HF cache) or a local file/folder."""
+    filename = released["filename"]
+    if weights != "pretrained":
+        path = Path(weights)
+        path = path / filename if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"{name}: no weights file at {path} (expected {filename}, as released in "
+                            f"{released['hf_repo']})")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(released["hf_repo"], filename))
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available here"
+        raise UserError(_missing_weights_message(name, released, exc)) from exc
+
+
+def resolve_weights_folder(name: str, released: dict, weights: str) -> Path:
+    """A Hugging Face model folder (config + weights): local path, or the hub / HF cache."""
+    if weights != "pretrained":
+        path = Path(weights)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: {path} is not a Hugging Face model folder (no config.json)")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(released["hf_repo"], allow_patterns=released.get("files")))
+    except Exception as exc:
+        raise UserError(_missing_weights_message(name, released, exc)) from exc
+
+
+def _missing_weights_message(name: str, released: dict, exc: Exception) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    return (f"{name}: weights not found: looked for {released['hf_repo']} "
+            f"({released.get('filename', 'model folder')}) in the HF cache {HF_HUB_CACHE}"
+            f"{' (HF_HUB_OFFLINE=1, no download)' if offline else ''}: {type(exc).__name__}; "
+            f"download them once online, or pass --weights PATH to a local copy")
+
+
+def weights_identity(source: str, path: Path) -> str:
+    """`source@sha256:<12 hex>` of a checkpoint. Files in the HF cache are blobs named by their
+    sha256 (for LFS files), so those are not hashed again."""
+    blob = path.resolve().name
+    digest = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else _sha256(path)
+    return f"{source}@sha256:{digest[:12]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

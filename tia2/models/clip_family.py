@@ -1,0 +1,138 @@
+"""CLIP-family reward models (dual encoders).
+
+- open_clip models (`clip`: ViT-B/32 with OpenAI weights; `hpsv2`: HPSv2.1 on ViT-H/14):
+  open_clip's own `CLIP` class built from the config's architecture, its checkpoint loader, its
+  eval transform and its BPE tokenizer (shipped with the package, so offline works).
+- Hugging Face CLIP (`pickscore`): transformers' `CLIPModel`, `logit_scale.exp() × cosine` as
+  in PickScore's model card, the processor of laion/CLIP-ViT-H-14 (its tokenizer and image
+  processor) for released weights, the same settings built locally for random weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import open_clip
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from tia2.errors import UserError
+from tia2.models.base import (DualEncoderRewardModel, resolve_weights_file, resolve_weights_folder,
+                         weights_identity)
+
+
+class OpenClipRewardModel(DualEncoderRewardModel):
+    def __init__(self, name: str, config: dict, weights: str, seed: int):
+        super().__init__()
+        arch = config["arch"]
+        self.name = name
+        torch.manual_seed(seed)
+        self.clip = open_clip.model.CLIP(
+            embed_dim=arch["embed_dim"], vision_cfg=open_clip.model.CLIPVisionCfg(**arch["vision_cfg"]),
+            text_cfg=open_clip.model.CLIPTextCfg(**arch["text_cfg"]), quick_gelu=arch.get("quick_gelu", False))
+        if weights == "random":
+            self.identity = f"random-init:{seed}"
+        else:
+            path = resolve_weights_file(name, config["weights"], weights)
+            open_clip.load_checkpoint(self.clip, str(path), weights_only=False)
+            self.identity = weights_identity(config["weights"]["hf_repo"], path)
+        pre = config["preprocess"]
+        self.image_size = arch["vision_cfg"]["image_size"]
+        self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
+        self.transform = open_clip.image_transform(
+            self.image_size, is_train=False, mean=self.mean, std=self.std,
+            resize_mode=pre["resize_mode"], interpolation=pre["interpolation"])
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=arch["text_cfg"]["context_length"])
+        self._scale = config["score"]["scale"]  # "logit_scale" or a number (1: plain cosine)
+
+    def preprocess(self, images) -> torch.Tensor:
+        return torch.stack([self.transform(image.convert("RGB")) for image in images])
+
+    def encode_images(self, pixels):
+        return self.clip.encode_image(pixels.to(self._dtype()), normalize=True).float()
+
+    def encode_texts(self, texts):
+        tokens = self.tokenizer(texts).to(self.clip.logit_scale.device)
+        return self.clip.encode_text(tokens, normalize=True).float()
+
+    def score_scale(self):
+        return self.clip.logit_scale.exp().float() if self._scale == "logit_scale" else float(self._scale)
+
+    def _dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+
+class HFClipRewardModel(DualEncoderRewardModel):
+    def __init__(self, name: str, config: dict, weights: str, seed: int):
+        super().__init__()
+        self.name = name
+        pre = config["preprocess"]
+        if weights == "random":
+            torch.manual_seed(seed)
+            self.clip = CLIPModel(CLIPConfig(**config["arch"]))
+            self.identity = f"random-init:{seed}"
+            self.image_processor = CLIPImageProcessor(**pre["image_processor"])
+            self.tokenizer = clip_bpe_tokenizer()
+        else:
+            folder = resolve_weights_folder(name, config["weights"], weights)
+            self.clip = CLIPModel.from_pretrained(folder)
+            weight_file = next(p for p in (folder / f for f in ("model.safetensors", "pytorch_model.bin"))
+                               if p.exists())
+            self.identity = weights_identity(config["weights"]["hf_repo"], weight_file)
+            processor = resolve_weights_folder(name, config["processor"], "pretrained")
+            self.image_processor = CLIPImageProcessor.from_pretrained(processor)
+            self.tokenizer = CLIPTokenizer.from_pretrained(processor)
+        check_tokenizer(name, self.tokenizer)
+        self.image_size = self.image_processor.crop_size["height"]
+        self.mean = tuple(self.image_processor.image_mean)
+        self.std = tuple(self.image_processor.image_std)
+        self.max_length = pre["max_length"]
+
+    def preprocess(self, images) -> torch.Tensor:
+        batch = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        return batch["pixel_values"]
+
+    def encode_images(self, pixels):
+        features = self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype))
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def encode_texts(self, texts):
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.clip.device)
+        features = self.clip.get_text_features(**tokens)
+        features = getattr(features, "pooler_output", features)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def score_scale(self):
+        return self.clip.logit_scale.exp().float()
+
+
+def check_tokenizer(name: str, tokenizer) -> None:
+    """transformers 5 offline can silently hand back a tokenizer of a few tokens (NOTES.md)."""
+    if len(tokenizer) < 1000:
+        raise UserError(f"{name}: the tokenizer loaded with only {len(tokenizer)} tokens: its "
+                        f"vocabulary files are missing from the model folder or HF cache")
+
+
+@lru_cache(maxsize=1)
+def clip_bpe_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer built from the BPE vocabulary open_clip ships: the same token ids as the
+    released CLIP tokenizers, with no download."""
+    folder = Path.home() / ".cache" / "tia2" / "clip-bpe"
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if not vocab_file.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+        byte_chars = list(open_clip.tokenizer.bytes_to_unicode().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        tmp = folder / f".vocab.{id(vocab)}.tmp"
+        merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        tmp.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        tmp.replace(vocab_file)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>")
