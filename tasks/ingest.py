@@ -73,6 +73,25 @@ def _load_json(source: str, relpath: str) -> dict:
     return data
 
 
+def check_source(source: str, sets: tuple[str, ...] = SETS) -> None:
+    """Fail early, in one line, when a source lacks a file or a URL cannot be reached."""
+    if source.startswith(("http://", "https://")):
+        url = f"{source.rstrip('/')}/{labels_file(sets[0])}"
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20).close()
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"{url}: HTTP {exc.code}; is {source} a TIA2 release?") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise UserError(f"cannot reach {source} ({getattr(exc, 'reason', exc)}); offline, set "
+                            f"TIA2_SOURCE to the folder of the TIA2 release (human_annotations/, prompts/)") from exc
+        return
+    for set_name in sets:
+        for relpath in (labels_file(set_name), prompts_file(set_name)):
+            if not (Path(source) / relpath).is_file():
+                raise UserError(f"{Path(source) / relpath}: missing file; set TIA2_SOURCE (or "
+                                f"tia2_source in the config) to the folder of the TIA2 release")
+
+
 @dataclass
 class TIA2Tables:
     prompts: pa.Table

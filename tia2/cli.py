@@ -39,7 +39,7 @@ def _csv_list(text: str) -> tuple[float, ...]:
 def cmd_ingest(args) -> int:
     from tasks.ingest import DEFAULT_SOURCE, ingest_tia2
 
-    source = args.source or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
+    source = args.source or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE  # "" counts as unset
     report = ingest_tia2(_store(args), source, tuple(args.set) if args.set else _all_sets())
     new = report["new_rows"]
     print(f"ingested {source}")
@@ -149,12 +149,15 @@ def cmd_benchmark(args) -> int:
     if args.store:
         config["store"] = args.store
     config.setdefault("store", default_store_root())
-    source = config.get("tia2_source") or os.environ.get("TIA2_SOURCE")
-    if source is None:
-        from tasks.ingest import DEFAULT_SOURCE
+    from tasks.ingest import DEFAULT_SOURCE, check_source
+    from tia2.specs import parse_spec
 
-        source = DEFAULT_SOURCE
-    config["tia2_source"] = source
+    config["tia2_source"] = config.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
+    # Check what can be checked before the flow starts: a user mistake is one line, not a
+    # failed flow run with Prefect's traceback.
+    check_source(config["tia2_source"], tuple(config.get("sets", _all_sets())))
+    for spec in config.get("rewards", []):
+        parse_spec(spec)
     from flows.tia2_benchmark import tia2_benchmark
 
     summary = tia2_benchmark(**config)

@@ -78,7 +78,7 @@ class HFClipRewardModel(DualEncoderRewardModel):
             self.tokenizer = clip_bpe_tokenizer()
         else:
             folder = resolve_weights_folder(name, config["weights"], weights)
-            self.clip = CLIPModel.from_pretrained(folder)
+            self.clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)  # a half-precision release too
             weight_file = next(p for p in (folder / f for f in ("model.safetensors", "pytorch_model.bin"))
                                if p.exists())
             self.identity = weights_identity(config["weights"]["hf_repo"], weight_file)

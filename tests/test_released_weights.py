@@ -1,0 +1,119 @@
+"""The released-weights path of every model, without the released weights: a random checkpoint
+is written in the released format (file names, folder layout, state-dict keys) into a temporary
+Hugging Face cache, and `tia2 score` loads it with HF_HUB_OFFLINE=1 and must give back the
+scores of the model the checkpoint came from."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PROJECT, make_release
+from tasks.ingest import import_images, ingest_tia2
+from tia2.models import create_reward_model
+from tia2.models.clip_family import clip_bpe_tokenizer
+from tia2.store import Store
+
+pytestmark = pytest.mark.slow
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_snapshot(cache, repo: str):
+    """The snapshot folder of `repo` in an HF cache laid out as the hub client writes it."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    snapshot = root / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot
+
+
+@pytest.fixture
+def two_image_store(tmp_path):
+    release = make_release(tmp_path / "release", captions_per_set=1, images_per_caption=2)
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, str(release))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(folder / f"image_1_0_{i}.jpg")
+    import_images(store, "counting", folder)
+    return store
+
+
+def expected_scores(store, model):
+    """The source model's scores for every (image, text) pair `tia2 score` will write."""
+    from tasks.score import _load_image, pending_pairs
+
+    pairs = pending_pairs(store, model.name, "none")
+    paths = list(dict.fromkeys(pairs["path"]))
+    with torch.no_grad():
+        features = model.encode_images(model.preprocess([_load_image(p) for p in paths]))
+        index = torch.tensor([paths.index(p) for p in pairs["path"]])
+        scores = model.score_encoded(features, index, pairs["text"].tolist())
+    return dict(zip(zip(pairs["image_id"], pairs["text"]), scores.double().numpy()))
+
+
+def score_offline(store, name, cache):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(PROJECT))
+    out = subprocess.run([sys.executable, "-m", "tia2.cli", "score", "--reward-model", name,
+                          "--store", str(store.root)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = store.connect().execute(
+        "SELECT image_id, text, score, model_version FROM scores WHERE reward_model = ?", [name]).fetchall()
+    return {(i, t): s for i, t, s, _ in rows}, {v for *_, v in rows}
+
+
+def assert_same_scores(got, expected):
+    assert got.keys() == expected.keys() and len(got) == 2 * 4
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_openai_checkpoint_from_the_hf_cache(tmp_path, two_image_store):
+    source = create_reward_model("clip", weights="random", seed=7)
+    snapshot = hub_snapshot(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai")
+    torch.save(source.clip.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    expected = expected_scores(two_image_store, source)
+    got, versions = score_offline(two_image_store, "clip", tmp_path / "hub")
+    assert_same_scores(got, expected)
+    assert len(versions) == 1 and next(iter(versions)).startswith("timm/vit_base_patch32_clip_224.openai@sha256:")
+
+
+def test_hpsv2_checkpoint_from_the_hf_cache(tmp_path, two_image_store):
+    source = create_reward_model("hpsv2", weights="random", seed=7)
+    # HPSv2.1's release is a dict with the state dict under "state_dict", in half precision.
+    state = {k: v.half() for k, v in source.clip.state_dict().items()}
+    source.clip.load_state_dict(state)  # the source model as the released file rounds it
+    snapshot = hub_snapshot(tmp_path / "hub", "xswu/HPSv2")
+    torch.save({"epoch": 1, "state_dict": state}, snapshot / "HPS_v2.1_compressed.pt")
+    del state
+    expected = expected_scores(two_image_store, source)
+    del source
+    got, _ = score_offline(two_image_store, "hpsv2", tmp_path / "hub")
+    assert_same_scores(got, expected)
+
+
+def test_pickscore_folders_from_the_hf_cache(tmp_path, two_image_store):
+    from transformers import CLIPImageProcessor
+
+    source = create_reward_model("pickscore", weights="random", seed=7)
+    source.clip.half()
+    source.clip.float()  # round to what the half-precision release holds
+    model_dir = hub_snapshot(tmp_path / "hub", "yuvalkirstain/PickScore_v1")
+    source.clip.half().save_pretrained(model_dir)
+    source.clip.float()
+    processor_dir = hub_snapshot(tmp_path / "hub", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    clip_bpe_tokenizer().save_pretrained(processor_dir)
+    config = json.loads((PROJECT / "tia2/models/configs/pickscore.json").read_text())
+    CLIPImageProcessor(**config["preprocess"]["image_processor"]).save_pretrained(processor_dir)
+    expected = expected_scores(two_image_store, source)
+    del source
+    got, versions = score_offline(two_image_store, "pickscore", tmp_path / "hub")
+    assert_same_scores(got, expected)
+    assert next(iter(versions)).startswith("yuvalkirstain/PickScore_v1@sha256:")
