@@ -1,4 +1,5 @@
-"""The `tia2-benchmark` flow: TIA2 ingest → score import → metrics of reward specs → report.
+"""The `tia2-benchmark` flow: TIA2 ingest → image files → scoring with reward models → score
+import → metrics of reward specs → report.
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 its source and the state of the store it reads (the store's id and a fingerprint of the tables),
@@ -21,9 +22,9 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
-from tasks.ingest import DEFAULT_SOURCE, SETS, ingest_tia2  # noqa: E402
+from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
 from tasks.metrics import format_table2, record_metrics  # noqa: E402
-from tasks.score import import_scores  # noqa: E402
+from tasks.score import import_scores, record_score  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import Store  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
@@ -59,6 +60,20 @@ def import_scores_task(store_root: str, file: str, file_key: str, store_id: str)
     return import_scores(Store(store_root), file)
 
 
+@task(name="import-images", cache_policy=CACHED, persist_result=True)
+def import_images_task(store_root: str, set_name: str, folder: str, folder_key: str, store_id: str) -> dict:
+    return import_images(Store(store_root), set_name, folder)
+
+
+@task(name="score", cache_policy=CACHED, persist_result=True, tags=["gpu"])
+def score_task(store_root: str, reward_model: str, weights: str, device: str, batch_size: int,
+               store_key: str, parent_run_id: str) -> dict:
+    report = record_score(Store(store_root), reward_model, weights, batch_size=batch_size, device=device,
+                          parent_run_id=parent_run_id, show_progress=False)
+    return {"reward_model": reward_model, "images": report.images, "rows_added": report.rows_added,
+            "failures": len(report.failures), "images_per_second": round(report.images_per_second, 2)}
+
+
 @task(name="metrics", cache_policy=CACHED, persist_result=True)
 def metrics_task(store_root: str, rewards: tuple[str, ...], sets: tuple[str, ...],
                  store_key: str, parent_run_id: str):
@@ -71,11 +86,24 @@ def _file_key(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _folder_key(folder: str) -> str:
+    """Names, sizes and modification times of a folder's files (cheap; content is hashed on import)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
 @flow(name="tia2-benchmark")
 def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
-                   sets: list[str] = list(SETS), score_files: list[str] = [],  # noqa: B006
-                   rewards: list[str] = []) -> dict:  # noqa: B006
-    """Ingest TIA2, import score files, evaluate reward specs against the human labels."""
+                   sets: list[str] = list(SETS), image_folders: dict[str, str] = {},  # noqa: B006
+                   reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
+                   device: str = "cpu", batch_size: int = 32,
+                   score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
+    """Ingest TIA2, register image files, score them with reward models, import score files,
+    evaluate reward specs against the human labels."""
     logger = get_run_logger()
     specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
     sets = tuple(sets)
@@ -87,11 +115,22 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
         ingest = ingest_task(str(data.root), tia2_source, sets, source_fingerprint(tia2_source),
                              data.store_id, parent_id)
         logger.info("ingest: %s", ingest["new_rows"])
+        for set_name, folder in image_folders.items():
+            registered = import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
+                                            _folder_key(folder), data.store_id)
+            logger.info("images %s: %s", set_name, registered)
+        summary_scores = []
+        for name in reward_models:
+            # Scoring reads what is to be scored; the rows it adds must not change its own key.
+            store_key = data.fingerprint("prompts", "contrast_prompts", "images")
+            summary_scores.append(score_task(str(data.root), name, weights, device, batch_size,
+                                             store_key, parent_id))
+            logger.info("score: %s", summary_scores[-1])
         for file in score_files:
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),
                                           _file_key(file), data.store_id)
             logger.info("import %s: %s", file, imported)
-        summary = {"ingest": ingest, "mlflow_run_id": parent_id, "table2": None}
+        summary = {"ingest": ingest, "scores": summary_scores, "mlflow_run_id": parent_id, "table2": None}
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)

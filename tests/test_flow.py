@@ -10,6 +10,11 @@ import pytest
 from conftest import PROJECT
 from tia2.store import Store
 from tia2.synthetic import synthetic_score_table
+from test_scoring import write_images
+
+
+def main_sql(store_root, query):
+    return Store(store_root).connect().execute(query).fetchall()
 
 pytestmark = pytest.mark.slow
 
@@ -37,26 +42,37 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
 
     ingest_tia2(scratch, str(mini_release))
     pq.write_table(synthetic_score_table(scratch, {"m1": 2.0, "m2": 1.0}), tmp_path / "scores.parquet")
+    sets = ("comprehensive", "counting", "composition")
+    images = write_images(mini_release, tmp_path / "images", sets)
+    folders = ", ".join(f"{s}: {images / s}" for s in sets)
     config = tmp_path / "run.yaml"
     config.write_text(f"store: {store_root}\nscore_files: [{tmp_path / 'scores.parquet'}]\n"
-                      "rewards: [m1, 'textnorm(m1, tau=0.5)', 'mean(m1, m2)']\n")
+                      f"image_folders: {{{folders}}}\nreward_models: [tiny-clip]\nweights: random\n"
+                      "rewards: [m1, 'textnorm(m1, tau=0.5)', 'mean(m1, m2)', 'textnorm(tiny-clip, tau=0.05)']\n")
 
     first = _run_benchmark(config, flow_env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "C150 (2)" in first.stdout and "textnorm(m1, tau=0.5)" in first.stdout
-    assert Store(store_root).read("prompt_metrics").num_rows == 6 * 3
+    assert "scored with tiny-clip: 24 images, 96 new rows" in first.stdout
+    assert "C150 (2)" in first.stdout and "textnorm(tiny-clip, tau=0.05)" in first.stdout
+    assert main_sql(store_root, "SELECT reward, count(*) FROM prompt_metrics GROUP BY 1 ORDER BY 1") == [
+        ("m1", 6), ("mean(m1, m2)", 6), ("textnorm(m1, tau=0.5)", 6), ("textnorm(tiny-clip, tau=0.05)", 6)]
 
     second = _run_benchmark(config, flow_env)
     assert second.returncode == 0, second.stderr[-3000:]
     task_lines = [line for line in second.stderr.splitlines() if "Task run" in line and "Finished" in line]
-    assert len(task_lines) == 3 and all("Cached" in line for line in task_lines), task_lines
+    assert len(task_lines) == 3 + len(sets) + 1 and all("Cached" in line for line in task_lines), task_lines
 
     # One parent run per flow run, stages nested under it, tagged with the flow run id.
     runs = mlflow.search_runs(experiment_names=["tia2"], output_format="list")
     parents = [r for r in runs if r.info.run_name == "tia2-benchmark"]
     assert len(parents) == 2 and all(r.data.tags.get("prefect.flow_run_id") for r in parents)
-    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id}
-    assert children == {"ingest-tia2", "metrics"}  # the first run's stages; the second was all cached
+    first_run, second_run = sorted(parents, key=lambda r: r.info.start_time)
+
+    def stages(parent):
+        return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+    assert stages(first_run) == {"ingest-tia2", "score", "metrics"}
+    assert stages(second_run) == set()  # every stage was cached
 
 
 def test_bad_profile_and_bad_setting_are_clear(tmp_path, flow_env):

@@ -165,6 +165,10 @@ def cmd_benchmark(args) -> int:
     print("TIA2 in the store: " + ", ".join(
         f"{s} {ingest[s]['captions']} captions / {ingest[s]['images']} images"
         for s in config.get("sets", _all_sets()) if s in ingest))
+    for scored in summary["scores"]:
+        print(f"scored with {scored['reward_model']}: {scored['images']} images, {scored['rows_added']} new rows"
+              + (f", {scored['failures']} unreadable" if scored["failures"] else "")
+              + ("" if scored["images"] else " (no image files registered yet: see image_folders)"))
     print(summary["table2"] or "no reward specs configured: nothing to evaluate yet")
     print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
           f"{_tracking_uri()})")

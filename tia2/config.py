@@ -16,6 +16,11 @@ CONFIG_KEYS = {
     "store": "store root (default: TIA2_STORE or ./storage)",
     "tia2_source": "folder or base URL of the TIA2 release (default: TIA2_SOURCE, else the public repository)",
     "sets": "TIA2 sets to ingest and evaluate (comprehensive, counting, composition)",
+    "image_folders": "image files to register, {set: folder} (see tia2 import-images)",
+    "reward_models": "reward models to score every image with (tia2 score), e.g. [tiny-clip, pickscore]",
+    "weights": "weights of those models: pretrained (hub / HF cache), random, or a local path",
+    "device": "device for scoring: cpu, cuda, ...",
+    "batch_size": "images per scoring batch",
     "score_files": "score files (Parquet/CSV) to import before the metrics",
     "rewards": "reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)",
 }
