@@ -143,12 +143,13 @@ def pending_pairs(store: Store, reward_model: str, model_version: str,
             SELECT prompt_id, text FROM prompts
             UNION SELECT prompt_id, text FROM contrast_prompts),
         wanted AS (
-            SELECT i.image_id, i.path, t.text FROM images i JOIN texts t USING (prompt_id)
+            SELECT i.image_id, i.path, t.text, i.prompt_id, i.ordinal FROM images i JOIN texts t USING (prompt_id)
             WHERE i.path IS NOT NULL AND ($sets IS NULL OR i.set IN (SELECT unnest($sets))))
-        SELECT w.* FROM wanted w ANTI JOIN (
+        SELECT w.image_id, w.path, w.text FROM wanted w ANTI JOIN (
             SELECT image_id, text FROM scores WHERE reward_model = $model AND model_version = $version) s
         USING (image_id, text)
-        ORDER BY w.image_id, w.text
+        -- a caption's images side by side: a batch then shares its texts, encoded once
+        ORDER BY w.prompt_id, w.ordinal, w.image_id, w.text
         """,
         {"sets": sets, "model": reward_model, "version": model_version},
     ).df()

@@ -117,3 +117,24 @@ def test_pickscore_folders_from_the_hf_cache(tmp_path, two_image_store):
     got, versions = score_offline(two_image_store, "pickscore", tmp_path / "hub")
     assert_same_scores(got, expected)
     assert next(iter(versions)).startswith("yuvalkirstain/PickScore_v1@sha256:")
+
+
+def test_blip2_folder_from_the_hf_cache(tmp_path, two_image_store):
+    from transformers import BlipImageProcessor
+
+    from tia2.models.blip2 import bert_base_uncased_tokenizer
+
+    source = create_reward_model("blip2", weights="random", seed=7)
+    source.blip.half()
+    source.blip.float()  # round to what a half-precision release holds
+    model_dir = hub_snapshot(tmp_path / "hub", "Salesforce/blip2-itm-vit-g")
+    source.blip.half().save_pretrained(model_dir)
+    source.blip.float()
+    bert_base_uncased_tokenizer().save_pretrained(model_dir)
+    config = json.loads((PROJECT / "tia2/models/configs/blip2.json").read_text())
+    BlipImageProcessor(**config["preprocess"]["image_processor"]).save_pretrained(model_dir)
+    expected = expected_scores(two_image_store, source)
+    del source
+    got, versions = score_offline(two_image_store, "blip2", tmp_path / "hub")
+    assert_same_scores(got, expected)
+    assert next(iter(versions)).startswith("Salesforce/blip2-itm-vit-g@sha256:")

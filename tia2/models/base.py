@@ -22,6 +22,7 @@ class RewardModel(torch.nn.Module):
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    square_resize = False  # True: resize to image_size², no crop (BLIP); else short side + crop
 
     def preprocess(self, images) -> torch.Tensor:
         """The reference preprocessing of a list of PIL images into a pixel batch."""
@@ -29,9 +30,13 @@ class RewardModel(torch.nn.Module):
 
     def preprocess_tensor(self, images01: torch.Tensor) -> torch.Tensor:
         """Differentiable preprocessing of a [B, 3, H, W] batch in [0, 1] (decoded latents, for
-        ReFL): resize the short side (bicubic, antialiased), centre crop, normalise."""
-        x = TF.resize(images01, [self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        x = TF.center_crop(x, [self.image_size, self.image_size])
+        ReFL), matching `preprocess`: bicubic antialiased resize (and centre crop), normalise."""
+        if self.square_resize:
+            x = TF.resize(images01, [self.image_size, self.image_size],
+                          interpolation=InterpolationMode.BICUBIC, antialias=True)
+        else:
+            x = TF.resize(images01, [self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = TF.center_crop(x, [self.image_size, self.image_size])
         return TF.normalize(x, list(self.mean), list(self.std))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

