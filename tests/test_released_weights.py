@@ -138,3 +138,50 @@ def test_blip2_folder_from_the_hf_cache(tmp_path, two_image_store):
     got, versions = score_offline(two_image_store, "blip2", tmp_path / "hub")
     assert_same_scores(got, expected)
     assert next(iter(versions)).startswith("Salesforce/blip2-itm-vit-g@sha256:")
+
+
+def release_format(model) -> dict:
+    """The state dict of `ImageReward.pt` as the reference code names it: BLIP's timm-style ViT
+    under blip.visual_encoder, BLIP's med BERT under blip.text_encoder, the head under mlp.layers,
+    plus the contrastive projections and the position_ids buffer the release also holds."""
+    blocks = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+              "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    top = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+           "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+           "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
+    release = {}
+    for key, value in model.vision.state_dict().items():
+        if key.startswith("encoder.layers."):
+            _, _, index, rest = key.split(".", 3)
+            module, _, param = rest.rpartition(".")
+            release[f"blip.visual_encoder.blocks.{index}.{blocks[module]}.{param}"] = value
+        else:
+            release[f"blip.visual_encoder.{top[key]}"] = value
+    for key, value in model.text.state_dict().items():
+        release[f"blip.text_encoder.{key}"] = value
+    release["blip.text_encoder.embeddings.position_ids"] = torch.arange(512).expand(1, -1)
+    for key, value in model.head.state_dict().items():
+        release[f"mlp.layers.{key}"] = value
+    release["blip.vision_proj.weight"], release["blip.vision_proj.bias"] = torch.randn(256, 1024), torch.zeros(256)
+    release["blip.text_proj.weight"], release["blip.text_proj.bias"] = torch.randn(256, 768), torch.zeros(256)
+    return release
+
+
+MED_CONFIG = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+              "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
+              "intermediate_size": 3072, "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+              "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
+              "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+
+
+def test_imagereward_checkpoint_from_the_hf_cache(tmp_path, two_image_store):
+    source = create_reward_model("imagereward", weights="random", seed=7)
+    snapshot = hub_snapshot(tmp_path / "hub", "THUDM/ImageReward")
+    torch.save(release_format(source), snapshot / "ImageReward.pt")
+    (snapshot / "med_config.json").write_text(json.dumps(MED_CONFIG))
+    expected = expected_scores(two_image_store, source)
+    del source
+    got, versions = score_offline(two_image_store, "imagereward", tmp_path / "hub")
+    assert_same_scores(got, expected)
+    assert next(iter(versions)).startswith("THUDM/ImageReward@sha256:")

