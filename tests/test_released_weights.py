@@ -185,3 +185,26 @@ def test_imagereward_checkpoint_from_the_hf_cache(tmp_path, two_image_store):
     got, versions = score_offline(two_image_store, "imagereward", tmp_path / "hub")
     assert_same_scores(got, expected)
     assert next(iter(versions)).startswith("THUDM/ImageReward@sha256:")
+
+
+def test_aesthetic_predictor_from_the_hf_cache(tmp_path, two_image_store):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    source = create_reward_model("aesthetic", weights="random", seed=7)
+    vision = json.loads((PROJECT / "tia2/models/configs/aesthetic.json").read_text())
+    # openai/clip-vit-large-patch14 is a whole CLIP model folder; the predictor reads its image tower.
+    full = CLIPModel(CLIPConfig(vision_config=vision["arch"]["vision"], projection_dim=768,
+                                text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                 num_hidden_layers=12, projection_dim=768)))
+    missing, unexpected = full.load_state_dict(source.clip.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("text_model.", "text_projection", "logit_scale")) for k in missing)
+    clip_dir = hub_snapshot(tmp_path / "hub", "openai/clip-vit-large-patch14")
+    full.save_pretrained(clip_dir)
+    CLIPImageProcessor(**vision["preprocess"]["image_processor"]).save_pretrained(clip_dir)
+    mlp_dir = hub_snapshot(tmp_path / "hub", "trl-lib/ddpo-aesthetic-predictor")
+    torch.save({f"layers.{k}": v for k, v in source.mlp.state_dict().items()}, mlp_dir / "aesthetic-model.pth")
+    del full
+    expected = expected_scores(two_image_store, source)
+    got, versions = score_offline(two_image_store, "aesthetic", tmp_path / "hub")
+    assert_same_scores(got, expected)
+    assert next(iter(versions)).startswith("trl-lib/ddpo-aesthetic-predictor@sha256:")

@@ -37,7 +37,7 @@ def model_config(name: str) -> dict:
 def create_reward_model(name: str, weights: str = "pretrained", seed: int = 0, device: str = "cpu"):
     """Build a registered reward model. `weights`: "pretrained", "random" or a local path.
     Tiny twins have no released weights: they are always random (seeded)."""
-    from tia2.models import blip2, clip_family, imagereward
+    from tia2.models import aesthetic, blip2, clip_family, imagereward
 
     config = model_config(name)
     if config.get("weights") is None:
@@ -45,6 +45,7 @@ def create_reward_model(name: str, weights: str = "pretrained", seed: int = 0, d
             raise UserError(f"{name} is a tiny random-weight twin: it loads no weights")
         weights = "random"
     families = {"open_clip": clip_family.OpenClipRewardModel, "hf_clip": clip_family.HFClipRewardModel,
-                "blip2_itm": blip2.Blip2ItmRewardModel, "imagereward": imagereward.ImageRewardModel}
+                "blip2_itm": blip2.Blip2ItmRewardModel, "imagereward": imagereward.ImageRewardModel,
+                "aesthetic": aesthetic.AestheticRewardModel}
     model = families[config["family"]](name, config, weights, seed)
     return model.to(device).eval()

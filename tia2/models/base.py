@@ -70,6 +70,20 @@ class DualEncoderRewardModel(RewardModel):
         return self.score_scale() * (image_features[image_index] * text_features[text_index]).sum(-1)
 
 
+def reward_head(width: int, dims: list[int]) -> torch.nn.Sequential:
+    """The MLP head of the improved aesthetic predictor, reused by ImageReward: linear layers with
+    dropout and no activations (as released). Keys: layers.0, .2, .4, .6, .7 for four dims."""
+    dropouts = [0.2, 0.2, 0.1]
+    layers, previous = [], width
+    for i, dim in enumerate(dims):
+        layers.append(torch.nn.Linear(previous, dim))
+        if i < len(dropouts):
+            layers.append(torch.nn.Dropout(dropouts[i]))
+        previous = dim
+    layers.append(torch.nn.Linear(previous, 1))
+    return torch.nn.Sequential(*layers)
+
+
 # --- released weights -------------------------------------------------------------------------
 def resolve_weights_file(name: str, released: dict, weights: str) -> Path:
     """The checkpoint file: `weights` is "pretrained" (hub or HF cache) or a local file/folder."""
@@ -112,6 +126,14 @@ def _missing_weights_message(name: str, released: dict, exc: Exception) -> str:
             f"({released.get('filename', 'model folder')}) in the HF cache {HF_HUB_CACHE}"
             f"{' (HF_HUB_OFFLINE=1, no download)' if offline else ''}: {type(exc).__name__}; "
             f"download them once online, or pass --weights PATH to a local copy")
+
+
+def folder_weights_file(folder: Path) -> Path:
+    """The (first) weights file of a Hugging Face model folder, for its identity."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors or *.bin weights in this model folder")
+    return files[0]
 
 
 def weights_identity(source: str, path: Path) -> str:

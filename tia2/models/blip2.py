@@ -14,7 +14,7 @@ from importlib.resources import files
 import torch
 from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
 
-from tia2.models.base import RewardModel, resolve_weights_folder, weights_identity
+from tia2.models.base import RewardModel, folder_weights_file, resolve_weights_folder, weights_identity
 from tia2.models.clip_family import check_tokenizer
 
 
@@ -45,8 +45,7 @@ class Blip2ItmRewardModel(RewardModel):
         else:
             folder = resolve_weights_folder(name, config["weights"], weights)
             self.blip = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=torch.float32)
-            weight_file = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-            self.identity = weights_identity(config["weights"]["hf_repo"], weight_file[0])
+            self.identity = weights_identity(config["weights"]["hf_repo"], folder_weights_file(folder))
             self.image_processor = BlipImageProcessor.from_pretrained(folder)
             self.tokenizer = BertTokenizer.from_pretrained(folder)
         check_tokenizer(name, self.tokenizer)

@@ -20,8 +20,8 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from tia2.errors import UserError
-from tia2.models.base import (DualEncoderRewardModel, resolve_weights_file, resolve_weights_folder,
-                         weights_identity)
+from tia2.models.base import (DualEncoderRewardModel, folder_weights_file, resolve_weights_file,
+                              resolve_weights_folder, weights_identity)
 
 
 class OpenClipRewardModel(DualEncoderRewardModel):
@@ -79,9 +79,7 @@ class HFClipRewardModel(DualEncoderRewardModel):
         else:
             folder = resolve_weights_folder(name, config["weights"], weights)
             self.clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)  # a half-precision release too
-            weight_file = next(p for p in (folder / f for f in ("model.safetensors", "pytorch_model.bin"))
-                               if p.exists())
-            self.identity = weights_identity(config["weights"]["hf_repo"], weight_file)
+            self.identity = weights_identity(config["weights"]["hf_repo"], folder_weights_file(folder))
             processor = resolve_weights_folder(name, config["processor"], "pretrained")
             self.image_processor = CLIPImageProcessor.from_pretrained(processor)
             self.tokenizer = CLIPTokenizer.from_pretrained(processor)

@@ -19,27 +19,13 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from torchvision import transforms
 from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from tia2.errors import UserError
-from tia2.models.base import RewardModel, resolve_weights_file, weights_identity
+from tia2.models.base import RewardModel, resolve_weights_file, reward_head, weights_identity
 from tia2.models.blip2 import bert_base_uncased_tokenizer
 from tia2.models.clip_family import check_tokenizer
-
-
-def reward_head(width: int, dims: list[int]) -> nn.Sequential:
-    """The release's MLP head: linear layers with dropout and no activations (as released)."""
-    dropouts = [0.2, 0.2, 0.1]
-    layers, previous = [], width
-    for i, dim in enumerate(dims):
-        layers.append(nn.Linear(previous, dim))
-        if i < len(dropouts):
-            layers.append(nn.Dropout(dropouts[i]))
-        previous = dim
-    layers.append(nn.Linear(previous, 1))
-    return nn.Sequential(*layers)
 
 
 def text_config_from_med(med: dict, vision_width: int) -> dict:
