@@ -1,5 +1,5 @@
-"""The `tia2-benchmark` flow: TIA2 ingest → image files → scoring with reward models → score
-import → metrics of reward specs → report.
+"""The `tia2-benchmark` flow: TIA2 ingest → image generation and image files → scoring with
+reward models → score import → metrics of reward specs → report.
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 its source and the state of the store it reads (the store's id and a fingerprint of the tables),
@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
+from tasks.generate import record_generate  # noqa: E402
 from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
 from tasks.metrics import format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
@@ -58,6 +59,16 @@ def ingest_task(store_root: str, source: str, sets: tuple[str, ...], source_key:
 @task(name="import-scores", cache_policy=CACHED, persist_result=True)
 def import_scores_task(store_root: str, file: str, file_key: str, store_id: str) -> dict:
     return import_scores(Store(store_root), file)
+
+
+@task(name="generate", cache_policy=CACHED, persist_result=True, tags=["gpu"])
+def generate_task(store_root: str, model: str, sets: tuple[str, ...], images_per_prompt: int, steps: int,
+                  guidance: float, max_prompts: int | None, device: str, store_key: str,
+                  parent_run_id: str) -> dict:
+    report = record_generate(Store(store_root), model, "pretrained", list(sets), images_per_prompt, steps,
+                             guidance, max_prompts=max_prompts, device=device, parent_run_id=parent_run_id)
+    return {"generator": model, "images": report.images, "already_present": report.already_present,
+            "images_per_second": round(report.images_per_second, 3)}
 
 
 @task(name="import-images", cache_policy=CACHED, persist_result=True)
@@ -98,12 +109,14 @@ def _folder_key(folder: str) -> str:
 
 @flow(name="tia2-benchmark")
 def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
-                   sets: list[str] = list(SETS), image_folders: dict[str, str] = {},  # noqa: B006
+                   sets: list[str] = list(SETS), generator: str | None = None, images_per_prompt: int = 1,
+                   steps: int = 50, guidance: float = 7.5, max_prompts: int | None = None,
+                   image_folders: dict[str, str] = {},  # noqa: B006
                    reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
                    device: str = "cpu", batch_size: int = 32,
                    score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
-    """Ingest TIA2, register image files, score them with reward models, import score files,
-    evaluate reward specs against the human labels."""
+    """Ingest TIA2, generate images for its prompts, register image files, score them with reward
+    models, import score files, evaluate reward specs against the human labels."""
     logger = get_run_logger()
     specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
     sets = tuple(sets)
@@ -115,6 +128,11 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
         ingest = ingest_task(str(data.root), tia2_source, sets, source_fingerprint(tia2_source),
                              data.store_id, parent_id)
         logger.info("ingest: %s", ingest["new_rows"])
+        generated = None
+        if generator:
+            generated = generate_task(str(data.root), generator, sets, images_per_prompt, steps, guidance,
+                                      max_prompts, device, data.fingerprint("prompts"), parent_id)
+            logger.info("generate: %s", generated)
         for set_name, folder in image_folders.items():
             registered = import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
                                             _folder_key(folder), data.store_id)
@@ -130,7 +148,7 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),
                                           _file_key(file), data.store_id)
             logger.info("import %s: %s", file, imported)
-        summary = {"ingest": ingest, "scores": summary_scores, "mlflow_run_id": parent_id, "table2": None}
+        summary = {"ingest": ingest, "generated": generated, "scores": summary_scores, "mlflow_run_id": parent_id, "table2": None}
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)

@@ -138,6 +138,21 @@ def test_partially_missing_scores_are_counted(tmp_path, mini_release, capsys):
     assert "1 of 72 (image, contrast prompt) scores are missing" in err
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("textnorm(alpha, tau=0)", "tau must be > 0"),
+    ("mean(alpha, textnorm(beta, tau=1)", "unbalanced parentheses"),
+    ("median(alpha, beta)", "unknown function 'median'"),
+])
+def test_bad_spec_on_the_command_line_writes_nothing(tmp_path, real_store, capsys, spec, message):
+    store = copy_store(real_store, tmp_path / "store")
+    out = tmp_path / "out.csv"
+    assert main(["metrics", "--store", str(store.root), "--reward", "alpha", "--reward", spec,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert store.read("prompt_metrics").num_rows == 0 and not out.exists()
+
+
 def test_unknown_set_is_an_error(tmp_path, real_store, capsys):
     store = copy_store(real_store, tmp_path / "store")
     assert main(["metrics", "--store", str(store.root), "--reward", "alpha", "--set", "nope"]) == 2
@@ -160,3 +175,8 @@ def test_tune_finds_the_grid_maximum(tmp_path, real_store, capsys):
     assert len(grid) == 2 * len(taus) + 2
     ens = grid[grid.model == "ensemble"]
     assert ens.reward.str.startswith("ur(textnorm(alpha").all()
+    # The CLI run logged the grid, the best values and the plot.
+    [run] = mlflow.search_runs(experiment_names=["tia2"], filter_string="tags.`tia2.stage` = 'tune'",
+                               output_format="list")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"grid.csv", "best.csv", "tune.png"} <= artifacts

@@ -70,6 +70,13 @@ def score_offline(store, name, cache):
     return {(i, t): s for i, t, s, _ in rows}, {v for *_, v in rows}
 
 
+def save_half_precision_release(module, folder):
+    """Save a transformers model in half precision (2 GB instead of 4 for ViT-H) and round the
+    source to the same values, so its scores are what the saved release gives."""
+    module.half().save_pretrained(folder)
+    module.float()
+
+
 def assert_same_scores(got, expected):
     assert got.keys() == expected.keys() and len(got) == 2 * 4
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-4, atol=1e-5)
@@ -103,11 +110,7 @@ def test_pickscore_folders_from_the_hf_cache(tmp_path, two_image_store):
     from transformers import CLIPImageProcessor
 
     source = create_reward_model("pickscore", weights="random", seed=7)
-    source.clip.half()
-    source.clip.float()  # round to what the half-precision release holds
-    model_dir = hub_snapshot(tmp_path / "hub", "yuvalkirstain/PickScore_v1")
-    source.clip.half().save_pretrained(model_dir)
-    source.clip.float()
+    save_half_precision_release(source.clip, hub_snapshot(tmp_path / "hub", "yuvalkirstain/PickScore_v1"))
     processor_dir = hub_snapshot(tmp_path / "hub", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     clip_bpe_tokenizer().save_pretrained(processor_dir)
     config = json.loads((PROJECT / "tia2/models/configs/pickscore.json").read_text())
@@ -125,11 +128,8 @@ def test_blip2_folder_from_the_hf_cache(tmp_path, two_image_store):
     from tia2.models.blip2 import bert_base_uncased_tokenizer
 
     source = create_reward_model("blip2", weights="random", seed=7)
-    source.blip.half()
-    source.blip.float()  # round to what a half-precision release holds
     model_dir = hub_snapshot(tmp_path / "hub", "Salesforce/blip2-itm-vit-g")
-    source.blip.half().save_pretrained(model_dir)
-    source.blip.float()
+    save_half_precision_release(source.blip, model_dir)
     bert_base_uncased_tokenizer().save_pretrained(model_dir)
     config = json.loads((PROJECT / "tia2/models/configs/blip2.json").read_text())
     BlipImageProcessor(**config["preprocess"]["image_processor"]).save_pretrained(model_dir)

@@ -79,3 +79,11 @@ def test_readers_never_see_a_torn_file_while_a_writer_writes(tmp_path):
     assert counts == sorted(counts) and len(counts) > 3
     assert store.read("labels").num_rows == 8000
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_a_store_whose_tables_were_deleted_starts_a_new_life(tmp_path):
+    first = Store(tmp_path).store_id
+    assert Store(tmp_path).store_id == first
+    for table in tmp_path.glob("*.parquet"):
+        table.unlink()
+    assert Store(tmp_path).store_id != first

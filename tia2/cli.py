@@ -94,6 +94,19 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from tasks.generate import record_generate
+
+    if args.images_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("--images-per-prompt, --steps and --batch-size must be at least 1")
+    report = record_generate(_store(args, create=False), args.model, "random" if args.random_init else args.weights,
+                             args.set, args.images_per_prompt, args.steps, args.guidance, args.seed,
+                             args.batch_size, args.max_prompts, args.device)
+    print(f"{args.model}: made {report.images} images ({report.already_present} already present), "
+          f"{report.images_per_second:.2f} images/s")
+    return 0
+
+
 def cmd_metrics(args) -> int:
     from tasks.metrics import format_table2, record_metrics
     from tia2.specs import parse_spec
@@ -165,6 +178,10 @@ def cmd_benchmark(args) -> int:
     print("TIA2 in the store: " + ", ".join(
         f"{s} {ingest[s]['captions']} captions / {ingest[s]['images']} images"
         for s in config.get("sets", _all_sets()) if s in ingest))
+    if summary["generated"]:
+        made = summary["generated"]
+        print(f"generated with {made['generator']}: {made['images']} new images "
+              f"({made['already_present']} already present)")
     for scored in summary["scores"]:
         print(f"scored with {scored['reward_model']}: {scored['images']} images, {scored['rows_added']} new rows"
               + (f", {scored['failures']} unreadable" if scored["failures"] else "")
@@ -242,6 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released weights from the hub/HF cache (default) or a local file/folder")
     p.add_argument("--random-init", action="store_true", help="the full-size architecture with random weights (timing)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
+
+    from tia2.models.diffusion import list_generators
+
+    p = add("generate", cmd_generate, "generate images for the store's prompts with a diffusion model", """\
+        Make images for every prompt of the given sets with a Stable Diffusion pipeline. Image i of
+        a prompt is seeded from (prompt, i, --seed): the same inputs give the same PNGs (on the CPU
+        byte for byte, whatever the batch size). Files are content-addressed under the store's
+        images/; a re-run makes only the missing images. Generators: """ + ", ".join(list_generators()))
+    p.add_argument("--model", required=True, metavar="ID", help="generator name (e.g. sd-2-1, tiny-sd)")
+    p.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, TextNorm paper)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N")
+    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N prompts of each set")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", default="pretrained", metavar="PATH",
+                   help="released weights (hub / HF cache, default) or a local diffusers folder")
+    p.add_argument("--random-init", action="store_true", help="the full-size architecture with random weights")
 
     p = add("metrics", cmd_metrics, "per-caption metrics of reward specs against the human labels", """\
         Evaluate reward specs with the TIA2 protocol: per caption AUROC, AUPRC, AP@5/10/25,

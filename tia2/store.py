@@ -7,7 +7,8 @@ Layout under the store root (default ``./storage``)::
     images/                generated images, content-addressed
     tia2.duckdb            DuckDB catalog: one view per table, absolute paths, rebuilt atomically
     .locks/                one lock file per table; writers hold it while they read-modify-write
-    .store_id              random id of this store's life; part of every stage's cache key
+    .store_id              random id of this store's life (renewed when tables were deleted);
+                           part of every stage's cache key
 
 Every write checks the schema, never leaves a half-written file (readers see the old or the new
 file, never a torn one) and is idempotent on the table's key.
@@ -165,13 +166,15 @@ class Store:
                 sub.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
+        missing = [name for name, spec in TABLES.items() if not spec.append_only and not self._file(name).exists()]
         id_file = self.root / ".store_id"
-        if not id_file.exists():
+        if missing or not id_file.exists():
+            # A new store, or one whose tables were deleted: a new life, so no cached stage result
+            # of the old one is taken for this one.
             _atomic_write_bytes(id_file, uuid.uuid4().hex.encode())
         self.store_id = id_file.read_text().strip()
-        for name, spec in TABLES.items():
-            if not spec.append_only and not self._file(name).exists():
-                self._write_file(self._file(name), spec.schema.empty_table())
+        for name in missing:
+            self._write_file(self._file(name), TABLES[name].schema.empty_table())
         self.refresh_catalog()
 
     # --- paths ---------------------------------------------------------------------------

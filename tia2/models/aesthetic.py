@@ -26,12 +26,12 @@ class AestheticRewardModel(RewardModel):
         torch.manual_seed(seed)
         if weights == "random":
             self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch["vision"]))
-            self.image_processor = CLIPImageProcessor(**pre["image_processor"])
+            self.use_image_processor(CLIPImageProcessor(**pre["image_processor"]))
         else:
             folder = resolve_weights_folder(name, config["clip"], "pretrained" if weights == "pretrained"
                                             else f"{weights}/clip")
             self.clip = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=torch.float32)
-            self.image_processor = CLIPImageProcessor.from_pretrained(folder)
+            self.use_image_processor(CLIPImageProcessor.from_pretrained(folder))
         self.mlp = reward_head(self.clip.config.projection_dim, arch["head_dims"])
         if weights == "random":
             self.identity = f"random-init:{seed}"
@@ -44,13 +44,6 @@ class AestheticRewardModel(RewardModel):
                 raise UserError(f"{name}: {path} is not the aesthetic MLP: {str(exc).splitlines()[0]}") from exc
             self.identity = (weights_identity(config["weights"]["hf_repo"], path) + "+"
                              + weights_identity(config["clip"]["hf_repo"], folder_weights_file(folder)))
-        self.image_size = self.image_processor.crop_size["height"]
-        self.mean = tuple(self.image_processor.image_mean)
-        self.std = tuple(self.image_processor.image_std)
-
-    def preprocess(self, images) -> torch.Tensor:
-        return self.image_processor(images=[image.convert("RGB") for image in images],
-                                    return_tensors="pt")["pixel_values"]
 
     def encode_images(self, pixels):
         embeds = self.clip(pixel_values=pixels.to(self.clip.dtype)).image_embeds.float()

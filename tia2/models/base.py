@@ -24,9 +24,21 @@ class RewardModel(torch.nn.Module):
     std: tuple[float, float, float]
     square_resize = False  # True: resize to image_size², no crop (BLIP); else short side + crop
 
+    image_processor = None  # a transformers image processor, for the models whose reference uses one
+
+    def use_image_processor(self, processor) -> None:
+        """Preprocess with a transformers image processor, the reference's own."""
+        self.image_processor = processor
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        self.image_size = size["height"]
+        self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
+
     def preprocess(self, images) -> torch.Tensor:
         """The reference preprocessing of a list of PIL images into a pixel batch."""
-        raise NotImplementedError
+        if self.image_processor is None:
+            raise NotImplementedError
+        return self.image_processor(images=[image.convert("RGB") for image in images],
+                                    return_tensors="pt")["pixel_values"]
 
     def preprocess_tensor(self, images01: torch.Tensor) -> torch.Tensor:
         """Differentiable preprocessing of a [B, 3, H, W] batch in [0, 1] (decoded latents, for

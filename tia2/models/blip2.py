@@ -40,23 +40,16 @@ class Blip2ItmRewardModel(RewardModel):
             torch.manual_seed(seed)
             self.blip = Blip2ForImageTextRetrieval(Blip2Config(**config["arch"]))
             self.identity = f"random-init:{seed}"
-            self.image_processor = BlipImageProcessor(**pre["image_processor"])
+            self.use_image_processor(BlipImageProcessor(**pre["image_processor"]))
             self.tokenizer = bert_base_uncased_tokenizer()
         else:
             folder = resolve_weights_folder(name, config["weights"], weights)
             self.blip = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=torch.float32)
             self.identity = weights_identity(config["weights"]["hf_repo"], folder_weights_file(folder))
-            self.image_processor = BlipImageProcessor.from_pretrained(folder)
+            self.use_image_processor(BlipImageProcessor.from_pretrained(folder))
             self.tokenizer = BertTokenizer.from_pretrained(folder)
         check_tokenizer(name, self.tokenizer)
-        self.image_size = self.image_processor.size["height"]
-        self.mean = tuple(self.image_processor.image_mean)
-        self.std = tuple(self.image_processor.image_std)
         self.max_length = pre["max_length"]
-
-    def preprocess(self, images) -> torch.Tensor:
-        batch = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        return batch["pixel_values"]
 
     def encode_images(self, pixels):
         return self.blip.vision_model(pixel_values=pixels.to(self.blip.dtype))[0]

@@ -74,24 +74,17 @@ class HFClipRewardModel(DualEncoderRewardModel):
             torch.manual_seed(seed)
             self.clip = CLIPModel(CLIPConfig(**config["arch"]))
             self.identity = f"random-init:{seed}"
-            self.image_processor = CLIPImageProcessor(**pre["image_processor"])
+            self.use_image_processor(CLIPImageProcessor(**pre["image_processor"]))
             self.tokenizer = clip_bpe_tokenizer()
         else:
             folder = resolve_weights_folder(name, config["weights"], weights)
             self.clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)  # a half-precision release too
             self.identity = weights_identity(config["weights"]["hf_repo"], folder_weights_file(folder))
             processor = resolve_weights_folder(name, config["processor"], "pretrained")
-            self.image_processor = CLIPImageProcessor.from_pretrained(processor)
+            self.use_image_processor(CLIPImageProcessor.from_pretrained(processor))
             self.tokenizer = CLIPTokenizer.from_pretrained(processor)
         check_tokenizer(name, self.tokenizer)
-        self.image_size = self.image_processor.crop_size["height"]
-        self.mean = tuple(self.image_processor.image_mean)
-        self.std = tuple(self.image_processor.image_std)
         self.max_length = pre["max_length"]
-
-    def preprocess(self, images) -> torch.Tensor:
-        batch = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        return batch["pixel_values"]
 
     def encode_images(self, pixels):
         features = self.clip.get_image_features(pixel_values=pixels.to(self.clip.dtype))
@@ -133,4 +126,4 @@ def clip_bpe_tokenizer() -> CLIPTokenizer:
         merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
         tmp.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
         tmp.replace(vocab_file)
-    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>")
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77)

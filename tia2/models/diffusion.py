@@ -1,0 +1,75 @@
+"""Image generators: Stable Diffusion pipelines from diffusers, with the same three weight
+sources as the reward models (configs in `generators/`).
+
+    create_pipeline("sd-2-1")                    released weights (hub online, HF cache offline)
+    create_pipeline("sd-2-1", weights="/models") a local diffusers folder
+    create_pipeline("sd-2-1", weights="random")  SD 2.1's architecture with random weights
+    create_pipeline("tiny-sd")                   a tiny twin: the same classes, a small config
+
+Random-weight pipelines are composed from their components (UNet, VAE, CLIP text encoder, the
+CLIP BPE tokenizer, the scheduler) exactly as diffusers composes a loaded one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tia2.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "generators"
+
+
+def list_generators() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def generator_config(name: str) -> dict:
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise UserError(f"unknown generator {name!r} (known: {', '.join(list_generators())})")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Generator:
+    name: str
+    identity: str      # "<hub repo>@sha256:<12 hex of the UNet weights>" or "random-init:<seed>"
+    pipeline: object   # diffusers.StableDiffusionPipeline
+
+
+def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, device: str = "cpu") -> Generator:
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tia2.models.base import folder_weights_file, resolve_weights_folder, weights_identity
+    from tia2.models.clip_family import clip_bpe_tokenizer
+
+    config = generator_config(name)
+    if config["hf_repo"] is None:
+        if weights not in ("pretrained", "random"):
+            raise UserError(f"{name} is a tiny random-weight twin: it loads no weights")
+        weights = "random"
+    if weights == "random":
+        torch.manual_seed(seed)
+        scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+        pipeline = StableDiffusionPipeline(
+            vae=AutoencoderKL(**config["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+            tokenizer=clip_bpe_tokenizer(), unet=UNet2DConditionModel(**config["unet"]),
+            scheduler=DDIMScheduler(**scheduler_config), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        identity = f"random-init:{seed}"
+    else:
+        released = {"hf_repo": config["hf_repo"],
+                    "files": ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors",
+                              "text_encoder/*.safetensors"]}
+        folder = resolve_weights_folder(name, released, weights) if weights == "pretrained" else Path(weights)
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{name}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                           requires_safety_checker=False)
+        identity = weights_identity(config["hf_repo"], folder_weights_file(folder / "unet"))
+    pipeline.set_progress_bar_config(disable=True)
+    return Generator(name=name, identity=identity, pipeline=pipeline.to(device))
