@@ -24,7 +24,7 @@ from prefect.runtime import deployment, flow_run  # noqa: E402
 
 from tasks.generate import record_generate  # noqa: E402
 from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
-from tasks.metrics import format_table2, record_metrics  # noqa: E402
+from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import Store  # noqa: E402
@@ -148,7 +148,9 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),
                                           _file_key(file), data.store_id)
             logger.info("import %s: %s", file, imported)
-        summary = {"ingest": ingest, "generated": generated, "scores": summary_scores, "mlflow_run_id": parent_id, "table2": None}
+        ranking = caption_ranking(data, list(reward_models)) if reward_models else None
+        summary = {"ingest": ingest, "generated": generated, "scores": summary_scores,
+                   "caption_ranking": None if ranking is None else ranking.to_string(index=False), "mlflow_run_id": parent_id, "table2": None}
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)

@@ -362,3 +362,30 @@ def _write_text_atomic(path: str, text: str) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, target)
+
+
+# --- without human labels ---------------------------------------------------------------------
+def caption_ranking(store: Store, reward_models: list[str]) -> pd.DataFrame:
+    """Per reward model (and version): over the images scored against their caption and contrast
+    prompts, how often the caption scores strictly highest (top-1) and its mean rank among the
+    texts (ties ranked against the caption). Needs no human labels, so it also describes
+    generated images."""
+    return store.connect().execute(
+        """
+        WITH texts AS (
+            SELECT prompt_id, text, true AS is_caption FROM prompts
+            UNION ALL SELECT prompt_id, text, false FROM contrast_prompts
+            WHERE (prompt_id, text) NOT IN (SELECT (prompt_id, text) FROM prompts)),
+        ranked AS (
+            SELECT s.reward_model, s.model_version, s.image_id, t.is_caption, count(*) OVER w AS n_texts,
+                   -- texts scoring at least as high: a tie counts against the caption
+                   count(*) OVER (w ORDER BY s.score DESC RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS r
+            FROM scores s JOIN images i USING (image_id)
+            JOIN texts t ON t.prompt_id = i.prompt_id AND t.text = s.text
+            WHERE s.reward_model IN (SELECT unnest($models))
+            WINDOW w AS (PARTITION BY s.reward_model, s.model_version, s.image_id))
+        SELECT reward_model, model_version, count(*) AS images, avg(n_texts) AS texts_per_image,
+               avg((r = 1)::DOUBLE) AS caption_top1, avg(r) AS caption_mean_rank
+        FROM ranked WHERE is_caption AND n_texts > 1
+        GROUP BY ALL ORDER BY reward_model, model_version
+        """, {"models": reward_models}).df()

@@ -180,3 +180,31 @@ def test_tune_finds_the_grid_maximum(tmp_path, real_store, capsys):
                                output_format="list")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"grid.csv", "best.csv", "tune.png"} <= artifacts
+
+
+def test_caption_ranking_counts_ties_against_the_caption(tmp_path, mini_release):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.ingest import ingest_tia2
+    from tasks.metrics import caption_ranking
+    from tasks.score import import_scores
+    from tia2.store import Store
+    from tia2.synthetic import synthetic_score_table
+
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, str(mini_release))
+    rows = synthetic_score_table(store, {"m": 0.0}).to_pandas()
+    captions = set(store.read("prompts").column("text").to_pylist())
+    is_caption = rows["prompt"].isin(captions)
+    # Every image: caption 1.0, contrasts 0.0 -> top-1 everywhere, except the first image, where
+    # one contrast prompt ties with the caption.
+    rows["score"] = is_caption.astype(float)
+    first = rows["image"].eq(rows["image"].iloc[0]) & rows["set"].eq(rows["set"].iloc[0])
+    rows.loc[rows.index[first & ~is_caption][0], "score"] = 1.0
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "s.parquet")
+    import_scores(store, tmp_path / "s.parquet")
+    [result] = caption_ranking(store, ["m"]).to_dict("records")
+    assert result["images"] == 24 and result["texts_per_image"] == 4
+    assert result["caption_top1"] == pytest.approx(23 / 24)
+    assert result["caption_mean_rank"] == pytest.approx((23 * 1 + 2) / 24)

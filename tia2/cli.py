@@ -186,7 +186,10 @@ def cmd_benchmark(args) -> int:
         print(f"scored with {scored['reward_model']}: {scored['images']} images, {scored['rows_added']} new rows"
               + (f", {scored['failures']} unreadable" if scored["failures"] else "")
               + ("" if scored["images"] else " (no image files registered yet: see image_folders)"))
-    print(summary["table2"] or "no reward specs configured: nothing to evaluate yet")
+    if summary["caption_ranking"]:
+        print("\nhow often each reward model scores an image's caption above all its contrast prompts:")
+        print(summary["caption_ranking"] + "\n")
+    print(summary["table2"] or "no reward specs configured: no metrics against human labels")
     print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
           f"{_tracking_uri()})")
     return 0
