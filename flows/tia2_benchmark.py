@@ -148,9 +148,10 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),
                                           _file_key(file), data.store_id)
             logger.info("import %s: %s", file, imported)
-        ranking = caption_ranking(data, list(reward_models)) if reward_models else None
         summary = {"ingest": ingest, "generated": generated, "scores": summary_scores,
-                   "caption_ranking": None if ranking is None else ranking.to_string(index=False), "mlflow_run_id": parent_id, "table2": None}
+                   "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None}
+        if reward_models:
+            summary["caption_ranking"] = caption_ranking(data, list(reward_models)).to_string(index=False)
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)

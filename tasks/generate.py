@@ -14,6 +14,7 @@ import io
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,10 @@ def image_seed(prompt_id: str, index: int, base_seed: int) -> int:
     return int(hashlib.sha256(f"{prompt_id}:{index}:{base_seed}".encode()).hexdigest()[:15], 16)
 
 
-def image_id(prompt_id: str, generator_identity: str, index: int, base_seed: int, steps: int,
-             guidance: float) -> str:
-    return stable_id("generated", prompt_id, generator_identity, str(index), str(base_seed), str(steps),
-                     repr(float(guidance)))
+def image_id(prompt_id: str, generator_identity: str, lora: str | None, index: int, base_seed: int,
+             steps: int, guidance: float) -> str:
+    return stable_id("generated", prompt_id, generator_identity, lora or "", str(index), str(base_seed),
+                     str(steps), repr(float(guidance)))
 
 
 def save_png(store: Store, image) -> tuple[Path, str]:
@@ -73,7 +74,7 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
     existing = set(store.read("images").column("image_id").to_pylist())
     wanted = [(pid, text, set_name, i) for pid, text, set_name in prompts for i in range(images_per_prompt)]
     todo = [w for w in wanted
-            if image_id(w[0], generator.identity, w[3], base_seed, steps, guidance) not in existing]
+            if image_id(w[0], generator.identity, generator.lora, w[3], base_seed, steps, guidance) not in existing]
     report = GenerateReport(already_present=len(wanted) - len(todo))
     start = time.perf_counter()
     pipe = generator.pipeline
@@ -92,9 +93,9 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
         rows = []
         for (pid, _, set_name, i), seed, image in zip(batch, seeds, images):
             path, digest = save_png(store, image)
-            rows.append(dict(image_id=image_id(pid, generator.identity, i, base_seed, steps, guidance),
+            rows.append(dict(image_id=image_id(pid, generator.identity, generator.lora, i, base_seed, steps, guidance),
                              prompt_id=pid, set=set_name, file=path.name, ordinal=i, seed=seed,
-                             generator=f"{generator.name}@{generator.identity}", lora=None, steps=steps,
+                             generator=f"{generator.name}@{generator.identity}", lora=generator.lora, steps=steps,
                              guidance=float(guidance), path=str(path), sha256=digest,
                              width=image.width, height=image.height))
         store.upsert("images", pa.Table.from_pylist(rows))
@@ -106,16 +107,20 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
 def record_generate(store: Store, model: str, weights: str = "pretrained", sets: list[str] | None = None,
                     images_per_prompt: int = 1, steps: int = DEFAULTS["steps"],
                     guidance: float = DEFAULTS["guidance"], base_seed: int = 0, batch_size: int = 4,
-                    max_prompts: int | None = None, device: str = "cpu",
+                    max_prompts: int | None = None, device: str = "cpu", lora: str | None = None,
                     parent_run_id: str | None = None) -> GenerateReport:
-    """Build the generator, make the missing images, log identity, counts and images/s to MLflow."""
+    """Build the generator (with a LoRA adapter when given), make the missing images, log
+    identity, counts, images/s and a sample grid to MLflow."""
     import mlflow
 
-    from tia2.models.diffusion import create_pipeline
+    from tia2.models.diffusion import apply_lora, create_pipeline
     from tia2.tracking import stage_run
 
     generator = create_pipeline(model, weights=weights, device=device)
-    params = {"generator": generator.name, "identity": generator.identity, "sets": sets or "all",
+    if lora:
+        apply_lora(generator, lora)
+    params = {"generator": generator.name, "identity": generator.identity, "lora": generator.lora,
+              "sets": sets or "all",
               "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
               "base_seed": base_seed, "batch_size": batch_size, "max_prompts": max_prompts, "device": device}
     with stage_run("generate", params, parent_run_id):
@@ -123,4 +128,34 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
                                  batch_size, max_prompts)
         mlflow.log_metrics({"images": report.images, "already_present": report.already_present,
                             "images_per_second": report.images_per_second})
+        grid = sample_grid(store, f"{generator.name}@{generator.identity}", generator.lora)
+        if grid is not None:
+            mlflow.log_image(grid, "sample_grid.png")
     return report
+
+
+def sample_grid(store: Store, generator: str, lora: str | None = None, prompts: int = 6, per_prompt: int = 4):
+    """A grid of the generator's images: a row per prompt (the first `prompts`), captioned."""
+    from PIL import Image, ImageDraw
+
+    rows = store.connect().execute(
+        """SELECT p.text, i.path FROM images i JOIN prompts p USING (prompt_id)
+           WHERE i.generator = ? AND i.lora IS NOT DISTINCT FROM ? AND i.ordinal < ?
+           QUALIFY dense_rank() OVER (ORDER BY p.set, p.prompt_id) <= ?
+           ORDER BY p.set, p.prompt_id, i.ordinal""", [generator, lora, per_prompt, prompts]).fetchall()
+    if not rows:
+        return None
+    captions = list(dict.fromkeys(text for text, _ in rows))
+    columns = max(Counter(text for text, _ in rows).values())
+    tile, label = 128, 18
+    grid = Image.new("RGB", (tile * columns, (tile + label) * len(captions)), "white")
+    draw = ImageDraw.Draw(grid)
+    column = {text: 0 for text in captions}
+    for text, path in rows:
+        r = captions.index(text)
+        with Image.open(path) as image:
+            grid.paste(image.convert("RGB").resize((tile, tile)), (column[text] * tile, r * (tile + label) + label))
+        column[text] += 1
+    for r, text in enumerate(captions):
+        draw.text((4, r * (tile + label) + 3), text[:tile * columns // 6], fill="black")
+    return grid

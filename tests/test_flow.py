@@ -92,3 +92,15 @@ def test_every_subcommand_has_help():
         out = subprocess.run([sys.executable, "-m", "tia2.cli", command, "--help"],
                              capture_output=True, text=True, cwd=PROJECT)
         assert out.returncode == 0 and "usage: tia2" in out.stdout and "TIA2_STORE" in out.stdout
+
+
+def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
+    """The README's main job, on the small constructed release: tiny-sd images scored by every
+    tiny twin, summarised without labels."""
+    flow_env["env"]["TIA2_STORE"] = str(tmp_path / "store")
+    out = _run_benchmark("tiny", flow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "generated with tiny-sd: 12 new images" in out.stdout
+    for name in ("tiny-clip", "tiny-pickscore", "tiny-hpsv2", "tiny-blip2", "tiny-imagereward", "tiny-aesthetic"):
+        assert f"scored with {name}: 12 images, 48 new rows" in out.stdout
+    assert "caption_top1" in out.stdout

@@ -70,3 +70,61 @@ def test_bad_arguments_are_clear(tmp_path, mini_release, capsys):
     assert "unknown generator 'nope'" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-sd", "--steps", "0", "--store", str(store.root)]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_released_pipeline_folder_loads_by_model_id_offline(tmp_path, mini_release, tiny_sd):
+    """A pipeline saved in the diffusers folder layout under SD 2.1's repo id in a temporary HF
+    cache is loaded by `tia2 generate --model sd-2-1` with HF_HUB_OFFLINE=1 and makes the same
+    images as the pipeline it was saved from (its config is tiny, so this runs on the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+    from test_released_weights import hub_snapshot
+
+    snapshot = hub_snapshot(tmp_path / "hub", "stabilityai/stable-diffusion-2-1")
+    tiny_sd.pipeline.save_pretrained(snapshot, safe_serialization=True)
+    reference = Store(tmp_path / "reference")
+    ingest_tia2(reference, str(mini_release))
+    generate_images(reference, tiny_sd, ["counting"], images_per_prompt=1, steps=2)
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, str(mini_release))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(PROJECT))
+    out = subprocess.run([sys.executable, "-m", "tia2.cli", "generate", "--model", "sd-2-1", "--set", "counting",
+                          "--steps", "2", "--store", str(store.root)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    made = store.connect().execute("SELECT sha256, generator FROM images WHERE sha256 IS NOT NULL ORDER BY 1").fetchall()
+    expected = reference.connect().execute("SELECT sha256 FROM images WHERE sha256 IS NOT NULL ORDER BY 1").fetchall()
+    assert [m[0] for m in made] == [e[0] for e in expected]
+    assert all(g.startswith("sd-2-1@stabilityai/stable-diffusion-2-1@sha256:") for _, g in made)
+
+
+def test_lora_adapter_changes_the_images_and_is_recorded(tmp_path, mini_release, capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    adapter = create_pipeline("tiny-sd", seed=0).pipeline.unet
+    adapter.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at zero (no effect): give it weights, as training would
+        for name, param in adapter.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "adapter", unet_lora_layers=get_peft_model_state_dict(adapter))
+
+    store = Store(tmp_path / "s")
+    ingest_tia2(store, str(mini_release))
+    common = ["generate", "--model", "tiny-sd", "--set", "counting", "--steps", "2", "--store", str(store.root)]
+    assert main(common) == 0
+    assert main([*common, "--lora", str(tmp_path / "adapter")]) == 0
+    assert "made 2 images" in capsys.readouterr().out.splitlines()[-1]
+    rows = store.connect().execute(
+        "SELECT prompt_id, lora, sha256 FROM images WHERE sha256 IS NOT NULL ORDER BY prompt_id, lora NULLS FIRST").fetchall()
+    assert len(rows) == 4
+    for base, adapted in (rows[0:2], rows[2:4]):
+        assert base[1] is None and adapted[1].startswith("pytorch_lora_weights.safetensors@sha256:")
+        assert base[2] != adapted[2]
+    assert main([*common, "--lora", str(tmp_path / "nothing")]) == 2
+    assert "no LoRA adapter at" in capsys.readouterr().err

@@ -12,24 +12,15 @@ CLIP BPE tokenizer, the scheduler) exactly as diffusers composes a loaded one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tia2.errors import UserError
+from tia2.models import ConfigRegistry
 
-CONFIG_DIR = Path(__file__).parent / "generators"
-
-
-def list_generators() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def generator_config(name: str) -> dict:
-    path = CONFIG_DIR / f"{name}.json"
-    if not path.exists():
-        raise UserError(f"unknown generator {name!r} (known: {', '.join(list_generators())})")
-    return json.loads(path.read_text())
+GENERATORS = ConfigRegistry(Path(__file__).parent / "generators", "generator")
+list_generators = GENERATORS.names
+generator_config = GENERATORS.config
 
 
 @dataclass
@@ -37,6 +28,24 @@ class Generator:
     name: str
     identity: str      # "<hub repo>@sha256:<12 hex of the UNet weights>" or "random-init:<seed>"
     pipeline: object   # diffusers.StableDiffusionPipeline
+    lora: str | None = None  # "<file name>@sha256:<12 hex>" of an applied LoRA adapter
+
+
+def apply_lora(generator: Generator, path: str | Path) -> Generator:
+    """Load a LoRA adapter (diffusers' `pytorch_lora_weights.safetensors`, a file or its folder),
+    as the fine-tuning stage saves it, into the generator's UNet."""
+    from tia2.models.base import weights_identity
+
+    path = Path(path)
+    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no LoRA adapter at {file} (expected pytorch_lora_weights.safetensors)")
+    try:
+        generator.pipeline.load_lora_weights(str(file.parent), weight_name=file.name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{file}: not a LoRA adapter for {generator.name}: {str(exc).splitlines()[0]}") from exc
+    generator.lora = weights_identity(file.name, file)
+    return generator
 
 
 def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, device: str = "cpu") -> Generator:
@@ -48,10 +57,7 @@ def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, devic
     from tia2.models.clip_family import clip_bpe_tokenizer
 
     config = generator_config(name)
-    if config["hf_repo"] is None:
-        if weights not in ("pretrained", "random"):
-            raise UserError(f"{name} is a tiny random-weight twin: it loads no weights")
-        weights = "random"
+    weights = GENERATORS.weights_source(name, config["hf_repo"] is not None, weights)
     if weights == "random":
         torch.manual_seed(seed)
         scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
