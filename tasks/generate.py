@@ -108,6 +108,7 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
                     images_per_prompt: int = 1, steps: int = DEFAULTS["steps"],
                     guidance: float = DEFAULTS["guidance"], base_seed: int = 0, batch_size: int = 4,
                     max_prompts: int | None = None, device: str = "cpu", lora: str | None = None,
+                    dtype: str = "fp32", channels_last: bool = False, compile_unet: bool = False,
                     parent_run_id: str | None = None) -> GenerateReport:
     """Build the generator (with a LoRA adapter when given), make the missing images, log
     identity, counts, images/s and a sample grid to MLflow."""
@@ -116,13 +117,15 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
     from tia2.models.diffusion import apply_lora, create_pipeline
     from tia2.tracking import stage_run
 
-    generator = create_pipeline(model, weights=weights, device=device)
+    generator = create_pipeline(model, weights=weights, device=device, dtype=dtype,
+                                channels_last=channels_last, compile_unet=compile_unet)
     if lora:
         apply_lora(generator, lora)
     params = {"generator": generator.name, "identity": generator.identity, "lora": generator.lora,
               "sets": sets or "all",
               "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
-              "base_seed": base_seed, "batch_size": batch_size, "max_prompts": max_prompts, "device": device}
+              "base_seed": base_seed, "batch_size": batch_size, "max_prompts": max_prompts, "device": device,
+              "dtype": dtype, "channels_last": channels_last, "compile": compile_unet}
     with stage_run("generate", params, parent_run_id):
         report = generate_images(store, generator, sets, images_per_prompt, steps, guidance, base_seed,
                                  batch_size, max_prompts)

@@ -128,3 +128,35 @@ def test_lora_adapter_changes_the_images_and_is_recorded(tmp_path, mini_release,
         assert base[2] != adapted[2]
     assert main([*common, "--lora", str(tmp_path / "nothing")]) == 2
     assert "no LoRA adapter at" in capsys.readouterr().err
+
+
+def test_killed_generation_resumes_to_exactly_the_expected_images(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import PROJECT, make_release
+
+    release = make_release(tmp_path / "release", captions_per_set=3, images_per_caption=2)
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, str(release))
+    env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "tia2.cli", "generate", "--model", "tiny-sd", "--set", "counting",
+               "--images-per-prompt", "4", "--steps", "3", "--batch-size", "1", "--store", str(store.root)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store.images_dir.rglob("*.png")):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made_before = store.connect().execute("SELECT count(*) FROM images WHERE sha256 IS NOT NULL").fetchall()[0][0]
+    assert 0 < made_before < 12
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"({made_before} already present)" in done.stdout
+    total, distinct = store.connect().execute(
+        "SELECT count(*), count(DISTINCT image_id) FROM images WHERE sha256 IS NOT NULL").fetchall()[0]
+    assert total == distinct == 12

@@ -101,7 +101,8 @@ def cmd_generate(args) -> int:
         raise UserError("--images-per-prompt, --steps and --batch-size must be at least 1")
     report = record_generate(_store(args, create=False), args.model, "random" if args.random_init else args.weights,
                              args.set, args.images_per_prompt, args.steps, args.guidance, args.seed,
-                             args.batch_size, args.max_prompts, args.device, args.lora)
+                             args.batch_size, args.max_prompts, args.device, args.lora, args.dtype,
+                             args.channels_last, args.compile)
     print(f"{args.model}: made {report.images} images ({report.already_present} already present), "
           f"{report.images_per_second:.2f} images/s")
     return 0
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released weights (hub / HF cache, default) or a local diffusers folder")
     p.add_argument("--random-init", action="store_true", help="the full-size architecture with random weights")
     p.add_argument("--lora", metavar="PATH", help="a LoRA adapter (pytorch_lora_weights.safetensors or its folder)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision (fp16/bf16: GPU only)")
+    p.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first batch)")
 
     p = add("metrics", cmd_metrics, "per-caption metrics of reward specs against the human labels", """\
         Evaluate reward specs with the TIA2 protocol: per caption AUROC, AUPRC, AP@5/10/25,

@@ -48,7 +48,14 @@ def apply_lora(generator: Generator, path: str | Path) -> Generator:
     return generator
 
 
-def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, device: str = "cpu") -> Generator:
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, device: str = "cpu",
+                    dtype: str = "fp32", channels_last: bool = False, compile_unet: bool = False) -> Generator:
+    """Build a generator. GPU options: half precision (`dtype` fp16/bf16), the UNet in
+    channels-last memory format, and `torch.compile` of the UNet. Attention uses PyTorch's
+    scaled-dot-product kernel (diffusers' default with torch 2)."""
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -78,4 +85,13 @@ def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, devic
                                                            requires_safety_checker=False)
         identity = weights_identity(config["hf_repo"], folder_weights_file(folder / "unet"))
     pipeline.set_progress_bar_config(disable=True)
-    return Generator(name=name, identity=identity, pipeline=pipeline.to(device))
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if dtype != "fp32" and not str(device).startswith("cuda"):
+        raise UserError(f"--dtype {dtype} needs a GPU (--device cuda)")
+    pipeline = pipeline.to(device) if dtype == "fp32" else pipeline.to(device, getattr(torch, DTYPES[dtype]))
+    if channels_last:
+        pipeline.unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipeline.unet = torch.compile(pipeline.unet)
+    return Generator(name=name, identity=identity, pipeline=pipeline)
