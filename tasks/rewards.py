@@ -47,6 +47,31 @@ def load_frame(store: Store, sets: list[str] | None = None) -> pd.DataFrame:
     return frame
 
 
+def generated_frame(store: Store, generator: str | None = None, sets: list[str] | None = None) -> pd.DataFrame:
+    """Generated images (one generator and LoRA) with their caption, in (set, prompt, ordinal)
+    order. `generator` matches the start of `images.generator` (e.g. "tiny-sd"); it may be left
+    out when the store holds one generator's images only."""
+    con = store.connect()
+    made = con.execute(
+        """SELECT DISTINCT generator, lora FROM images WHERE steps IS NOT NULL AND path IS NOT NULL
+           AND starts_with(generator, coalesce($generator, '')) ORDER BY 1, 2 NULLS FIRST""",
+        {"generator": generator}).fetchall()
+    if len(made) != 1:
+        listed = ", ".join(g + (f" (lora {lora})" if lora else "") for g, lora in made) or "none"
+        raise UserError(f"choose one generator's images with --generator (generated: {listed})")
+    (generator_id, lora), = made
+    frame = con.execute(
+        """SELECT i.set, i.prompt_id, p.text AS caption, i.image_id, i.ordinal, i.path
+           FROM images i JOIN prompts p USING (prompt_id)
+           WHERE i.generator = $generator AND i.lora IS NOT DISTINCT FROM $lora AND i.path IS NOT NULL
+             AND ($sets IS NULL OR i.set IN (SELECT unnest($sets)))
+           ORDER BY i.set, i.prompt_id, i.ordinal""",
+        {"generator": generator_id, "lora": lora, "sets": sets}).df()
+    frame.index.name = "row"
+    frame.attrs.update(generator=generator_id, lora=lora)
+    return frame
+
+
 @dataclass
 class ModelScores:
     caption: np.ndarray          # score of each frame row against its caption

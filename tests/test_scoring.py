@@ -79,7 +79,7 @@ def test_encoder_reuse_equals_per_pair_scoring_and_is_deterministic(name):
             model.encode_images(pixels), torch.tensor(image_index), pair_texts)
     torch.testing.assert_close(reused, per_pair, atol=1e-5, rtol=0)
     assert torch.equal(reused, again)
-    assert reused.std() > 0  # not a constant
+    assert abs(reused[0] - reused[3]) > 1e-4  # the image moves the score (same text, two images)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -108,6 +108,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_best_of_n(args) -> int:
+    from tasks.evaluate import record_best_of_n
+    from tia2.specs import parse_spec
+
+    try:
+        ns = sorted({int(n) for n in args.n.split(",") if n.strip()})
+    except ValueError:
+        raise UserError(f"--n takes comma-separated whole numbers, got {args.n!r}") from None
+    picks = record_best_of_n(_store(args, create=False), [parse_spec(s) for s in args.reward], ns,
+                             args.generator, args.set)
+    table = picks.groupby(["reward", "n"], sort=False)["value"].mean().unstack("n")
+    print(f"best-of-n over {picks['prompt_id'].nunique()} prompts ({picks['generator'].iloc[0]}): "
+          f"mean reward of the picked image")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def cmd_metrics(args) -> int:
     from tasks.metrics import format_table2, record_metrics
     from tia2.specs import parse_spec
@@ -287,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision (fp16/bf16: GPU only)")
     p.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first batch)")
+
+    p = add("best-of-n", cmd_best_of_n, "pick the best of the first n images per prompt for reward specs", """\
+        Best-of-n (TextNorm paper, section 5.2): per prompt, the image with the highest reward
+        among its first n generated images, for every reward spec and n. Stores the picks in the
+        best_of_n table and logs a contact sheet per prompt (rows: rewards, columns: n) to MLflow.
+        The images must be scored by the specs' reward models (tia2 score).""")
+    p.add_argument("--n", required=True, metavar="N1,N2,...", help="e.g. 16,64,256")
+    p.add_argument("--reward", action="append", required=True, metavar="SPEC", help="a reward spec (repeatable)")
+    p.add_argument("--generator", metavar="NAME", help="whose images (start of images.generator, e.g. tiny-sd)")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
 
     p = add("metrics", cmd_metrics, "per-caption metrics of reward specs against the human labels", """\
         Evaluate reward specs with the TIA2 protocol: per caption AUROC, AUPRC, AP@5/10/25,

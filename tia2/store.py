@@ -118,6 +118,19 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("image_id", "reward_model", "model_version"),
     ),
+    "best_of_n": TableSpec(
+        _schema(
+            ("prompt_id", pa.string(), False),
+            ("generator", pa.string(), False),
+            ("lora", pa.string(), False),  # "" without an adapter: key columns are never null
+            ("reward", pa.string(), False),
+            ("n", pa.int32(), False),
+            ("image_id", pa.string(), False),
+            ("value", pa.float64(), False),
+            ("run_id", pa.string(), True),
+        ),
+        key=("prompt_id", "generator", "lora", "reward", "n"),
+    ),
     "prompt_metrics": TableSpec(
         _schema(
             ("set", pa.string(), False),
