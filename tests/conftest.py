@@ -16,8 +16,12 @@ SHARED_TIA2 = PROJECT.parent / "shared" / "data" / "tia2"
 @pytest.fixture(autouse=True)
 def isolated_tracking(tmp_path_factory, monkeypatch):
     """Each test logs to its own MLflow store and never touches the project's mlruns/."""
+    import mlflow
+
     root = tmp_path_factory.mktemp("mlruns")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the process-wide URI an earlier test's run may have set wins over the variable
     monkeypatch.delenv("TIA2_STORE", raising=False)
     monkeypatch.delenv("TIA2_SOURCE", raising=False)
     return root
