@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tia2.progress import progress_bar
 from tia2.store import Store, stable_id
 
 DEFAULTS = {"steps": 50, "guidance": 7.5}  # TextNorm paper, Table 4
@@ -65,8 +66,6 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
                     steps: int = DEFAULTS["steps"], guidance: float = DEFAULTS["guidance"],
                     base_seed: int = 0, batch_size: int = 4, max_prompts: int | None = None) -> GenerateReport:
     """Make the missing images for every prompt of the given sets (the first `max_prompts` of each)."""
-    import torch
-
     prompts = store.connect().execute(
         """SELECT prompt_id, text, set FROM prompts WHERE $sets IS NULL OR set IN (SELECT unnest($sets))
            QUALIFY $limit IS NULL OR row_number() OVER (PARTITION BY set ORDER BY prompt_id) <= $limit
@@ -77,31 +76,40 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
             if image_id(w[0], generator.identity, generator.lora, w[3], base_seed, steps, guidance) not in existing]
     report = GenerateReport(already_present=len(wanted) - len(todo))
     start = time.perf_counter()
-    pipe = generator.pipeline
-    for first in range(0, len(todo), batch_size):
-        batch = todo[first:first + batch_size]
-        seeds = [image_seed(pid, i, base_seed) for pid, _, _, i in batch]
-        texts = [text for _, text, _, _ in batch]
-        # CPU kernels round differently at different batch sizes: on the CPU each image is made
-        # alone, so its bytes do not depend on the batch; on a GPU the batch runs as one.
-        groups = [[k] for k in range(len(batch))] if pipe.device.type == "cpu" else [list(range(len(batch)))]
-        images = []
-        for group in groups:
-            with torch.no_grad():
-                images += pipe([texts[k] for k in group], num_inference_steps=steps, guidance_scale=guidance,
-                               generator=[torch.Generator("cpu").manual_seed(seeds[k]) for k in group]).images
-        rows = []
-        for (pid, _, set_name, i), seed, image in zip(batch, seeds, images):
-            path, digest = save_png(store, image)
-            rows.append(dict(image_id=image_id(pid, generator.identity, generator.lora, i, base_seed, steps, guidance),
-                             prompt_id=pid, set=set_name, file=path.name, ordinal=i, seed=seed,
-                             generator=f"{generator.name}@{generator.identity}", lora=generator.lora, steps=steps,
-                             guidance=float(guidance), path=str(path), sha256=digest,
-                             width=image.width, height=image.height))
-        store.upsert("images", pa.Table.from_pylist(rows))
-        report.images += len(rows)
-        report.seconds = time.perf_counter() - start
+    with progress_bar(f"generating with {generator.name}", len(todo)) as advance:
+        for first in range(0, len(todo), batch_size):
+            _generate_batch(store, generator, todo[first:first + batch_size], steps, guidance, base_seed, report)
+            report.seconds = time.perf_counter() - start
+            advance(min(batch_size, len(todo) - first), report.images_per_second)
     return report
+
+
+def _generate_batch(store: Store, generator, batch: list, steps: int, guidance: float, base_seed: int,
+                    report: GenerateReport) -> None:
+    """Make one batch of images, write their files, then their rows."""
+    import torch
+
+    pipe = generator.pipeline
+    seeds = [image_seed(pid, i, base_seed) for pid, _, _, i in batch]
+    texts = [text for _, text, _, _ in batch]
+    # CPU kernels round differently at different batch sizes: on the CPU each image is made
+    # alone, so its bytes do not depend on the batch; on a GPU the batch runs as one.
+    groups = [[k] for k in range(len(batch))] if pipe.device.type == "cpu" else [list(range(len(batch)))]
+    images = []
+    for group in groups:
+        with torch.no_grad():
+            images += pipe([texts[k] for k in group], num_inference_steps=steps, guidance_scale=guidance,
+                           generator=[torch.Generator("cpu").manual_seed(seeds[k]) for k in group]).images
+    rows = []
+    for (pid, _, set_name, i), seed, image in zip(batch, seeds, images):
+        path, digest = save_png(store, image)
+        rows.append(dict(image_id=image_id(pid, generator.identity, generator.lora, i, base_seed, steps, guidance),
+                         prompt_id=pid, set=set_name, file=path.name, ordinal=i, seed=seed,
+                         generator=f"{generator.name}@{generator.identity}", lora=generator.lora, steps=steps,
+                         guidance=float(guidance), path=str(path), sha256=digest,
+                         width=image.width, height=image.height))
+    store.upsert("images", pa.Table.from_pylist(rows))
+    report.images += len(rows)
 
 
 def record_generate(store: Store, model: str, weights: str = "pretrained", sets: list[str] | None = None,

@@ -11,7 +11,6 @@ before anything is written; the whole file is then appended in one atomic part.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -181,17 +180,15 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
     one atomic part, so a killed run loses at most the batch in flight and a re-run only
     computes what is missing. Unreadable images go to `score_failures`."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tia2.progress import progress_bar
 
     pending = pending_pairs(store, model.name, model.identity, sets)
     by_image = list(pending.groupby("image_id", sort=False))
     report = ScoreReport()
     device = next(model.parameters()).device
     start = time.perf_counter()
-    columns = (TextColumn(f"scoring with {model.name}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]:.1f} images/s"), TimeRemainingColumn())
-    with Progress(*columns, disable=not (show_progress and sys.stderr.isatty())) as progress:
-        task = progress.add_task("score", total=len(by_image), rate=0.0)
+    with progress_bar(f"scoring with {model.name}", len(by_image), show=show_progress) as advance:
         for first in range(0, len(by_image), batch_size):
             batch = by_image[first:first + batch_size]
             images, pairs_image, pairs_text, image_ids = [], [], [], []
@@ -216,7 +213,7 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
                 report.rows_added += store.append_missing("scores", rows, compare="score").added
                 report.images += len(images)
             report.seconds = time.perf_counter() - start
-            progress.update(task, advance=len(batch), rate=report.images_per_second)
+            advance(len(batch), report.images_per_second)
     if report.failures:
         now = datetime.now(timezone.utc)
         store.upsert("score_failures", pa.Table.from_pylist([
