@@ -1,6 +1,5 @@
 """Image generation on the tiny Stable Diffusion twin."""
 
-import numpy as np
 import pytest
 from PIL import Image
 
