@@ -38,6 +38,9 @@ class TableSpec:
     schema: pa.Schema
     key: tuple[str, ...]
     append_only: bool = False  # stored as parts; existing keys are never rewritten
+    # Nullable columns added after stores were written: older files and rows may lack them
+    # (null). Files are given them when a store is opened.
+    added_later: tuple[str, ...] = ()
 
 
 def _schema(*fields: tuple[str, pa.DataType, bool]) -> pa.Schema:
@@ -63,8 +66,22 @@ TABLES: dict[str, TableSpec] = {
             ("method", pa.string(), False),
             ("generator", pa.string(), True),
             ("created_at", TIMESTAMP, False),
+            ("note", pa.string(), True),  # why a row is not what was asked for (an LLM fallback)
         ),
         key=("prompt_id", "text", "method"),
+        added_later=("note",),
+    ),
+    # Chat completions of the LLM contrast method, so the same request never calls the API twice.
+    # request_key hashes model, messages and sampling parameters (not the server's URL).
+    "llm_replies": TableSpec(
+        _schema(
+            ("request_key", pa.string(), False),
+            ("model", pa.string(), False),
+            ("prompt", pa.string(), False),
+            ("reply", pa.string(), False),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("request_key",),
     ),
     # `ordinal` (the image's position among its prompt's images: benchmark file order, or the
     # generation index) is not in DESIGN.md's list: AP@k breaks reward ties by it.
@@ -188,7 +205,16 @@ class Store:
         self.store_id = id_file.read_text().strip()
         for name in missing:
             self._write_file(self._file(name), TABLES[name].schema.empty_table())
+        self._add_later_columns()
         self.refresh_catalog()
+
+    def _add_later_columns(self) -> None:
+        """Give files written before a column was added that column (null), so that views and
+        readers see one schema."""
+        for name, spec in TABLES.items():
+            if spec.added_later and not set(spec.added_later) <= set(pq.read_schema(self._file(name)).names):
+                with self.lock(name):
+                    self._write_file(self._file(name), pq.read_table(self._file(name), schema=spec.schema))
 
     # --- paths ---------------------------------------------------------------------------
     @property
@@ -288,6 +314,8 @@ class Store:
     def conform(self, table: str, rows: pa.Table) -> pa.Table:
         """Check `rows` against the table's schema and return them in its column order and types."""
         spec = TABLES[table]
+        for name in set(spec.added_later) - set(rows.column_names):
+            rows = rows.append_column(name, pa.nulls(rows.num_rows, spec.schema.field(name).type))
         expected = set(spec.schema.names)
         missing = expected - set(rows.column_names)
         extra = set(rows.column_names) - expected
