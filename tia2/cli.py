@@ -78,6 +78,30 @@ def cmd_import_images(args) -> int:
     return 0
 
 
+def cmd_contrast(args) -> int:
+    from tasks.contrast import LLMSettings, record_contrast
+
+    llm = LLMSettings(model=args.llm_model, base_url=args.llm_base_url, temperature=args.temperature,
+                      frequency_penalty=args.frequency_penalty, api_key_env=args.llm_api_key_env,
+                      timeout=args.llm_timeout, retries=args.llm_retries)
+    report = record_contrast(_store(args, create=False), args.method, args.set, args.missing_only, llm)
+    print(f"{args.method}: {report['prompts']} prompts" + ("" if args.method == "dataset" else
+          f", {report['rows_added']} new contrast prompts")
+          + (f"; {report['without_contrast']} prompts have none" if report["without_contrast"] else ""))
+    for set_name, by_method in report["by_set"].items():
+        print(f"  {set_name:<14} " + "  ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
+    for method, by_category in report["by_category"].items():
+        print(f"  {method} by category: " + ", ".join(f"{c} {n}" for c, n in by_category.items()))
+    if args.method == "llm":
+        print(f"  {report['api_requests']} API requests, {report['cached_replies']} replies from the cache")
+    if report["fallbacks"]:
+        print(f"{len(report['fallbacks'])} prompts got rules instead (reason in contrast_prompts.note), e.g.:",
+              file=sys.stderr)
+        for text, reason in list(report["fallbacks"].items())[:5]:
+            print(f"  {text!r}: {reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_score(args) -> int:
     from tasks.score import record_score
 
@@ -263,6 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
         new set of prompts and images.""")
     p.add_argument("--set", required=True, metavar="SET")
     p.add_argument("folder", metavar="FOLDER")
+
+    from tasks.contrast import LLMSettings
+
+    llm = LLMSettings()
+    p = add("contrast", cmd_contrast, "make or count the contrast prompts of the store's prompts", """\
+        Contrast prompts are close to a prompt but mean something else; TextNorm normalises a
+        reward over them. Methods:
+          rules    a category detector (counting, composition, spatial, colors, text, ...) picks
+                   rules: other counts and objects, dropped, duplicated and blended ("an A-like B")
+                   objects, other spatial relations, swapped colours, misspelled quoted text
+          llm      TextNorm's Algorithm 1 with Table 19's few-shot examples, through any
+                   OpenAI-compatible server; replies are cached in the store (llm_replies), so the
+                   same prompt, model and parameters never call the API twice; timeouts, 429 and
+                   5xx are retried with backoff; a prompt whose request still fails, or whose reply
+                   has no list of captions, gets rules (rows say why in contrast_prompts.note)
+          dataset  the sets shipped with TIA2 (from `tia2 ingest-tia2`): counts them
+        The API key is read from $OPENAI_API_KEY (or --llm-api-key-env) and never logged.""")
+    p.add_argument("--method", required=True, metavar="rules|llm|dataset")
+    p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable; default: all)")
+    p.add_argument("--missing-only", action="store_true", help="only prompts with no contrast prompt of any method yet")
+    p.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible API, e.g. http://localhost:8000/v1 "
+                   "(default: $OPENAI_BASE_URL, else OpenAI's)")
+    p.add_argument("--llm-model", default=llm.model, metavar="MODEL", help=f"(default {llm.model}, the paper's)")
+    p.add_argument("--temperature", type=float, default=llm.temperature, metavar="T",
+                   help=f"sampling temperature (default {llm.temperature:g}, the paper's)")
+    p.add_argument("--frequency-penalty", type=float, default=llm.frequency_penalty, metavar="P",
+                   help=f"(default {llm.frequency_penalty:g}, the paper's)")
+    p.add_argument("--llm-api-key-env", default=llm.api_key_env, metavar="VAR",
+                   help=f"environment variable holding the API key (default {llm.api_key_env})")
+    p.add_argument("--llm-timeout", type=float, default=llm.timeout, metavar="SECONDS",
+                   help=f"per request (default {llm.timeout:g})")
+    p.add_argument("--llm-retries", type=int, default=llm.retries, metavar="N",
+                   help=f"retries after a timeout, 429 or 5xx, with exponential backoff (default {llm.retries})")
 
     from tia2.models import list_models
 
