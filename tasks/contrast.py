@@ -689,7 +689,7 @@ def _count(store: Store, prompts: list[dict], report: ContrastReport) -> None:
         for category in detect_categories(prompt["text"]) or ["none"]:
             by_category[method][category] += n
     report.by_method = dict(by_method)
-    report.by_category = {m: dict(c) for m, c in by_category.items()}
+    report.by_category = {m: {c: rows[c] for c in (*CATEGORIES, "none") if c in rows} for m, rows in by_category.items()}
     report.by_set = {s: dict(c) for s, c in by_set.items()}
     report.without_contrast = len(prompts) - len({prompt_id for prompt_id, _, _ in stored})
 
