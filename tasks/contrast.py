@@ -82,21 +82,9 @@ def counted_phrases(text: str) -> list[Phrase]:
             i += 1
             continue
         words = text[tokens[i + 1][1]:tokens[j - 1][2]]
-        phrases.append(Phrase(tokens[i][1], tokens[j - 1][2], count, words if count == 1 else _singular(words)))
+        phrases.append(Phrase(tokens[i][1], tokens[j - 1][2], count, words if count == 1 else singular(words)))
         i = j
     return phrases
-
-
-# Plurals in "-ses" whose singular ends in "-s"; english.singular reads every "-ses" so.
-S_SINGULARS = frozenset({"buses", "gases", "lenses", "irises", "viruses", "bonuses", "campuses", "cactuses"})
-
-
-def _singular(noun: str) -> str:
-    """english.singular, except that "horses", "vases", "suitcases" are made from "-se" nouns."""
-    last = noun.rpartition(" ")[2].lower()
-    if re.search(r"[^s]ses$", last) and last not in S_SINGULARS:
-        return noun[:-1]
-    return singular(noun)
 
 
 def _in_phrase(tokens, first: int, j: int) -> bool:
