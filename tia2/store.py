@@ -5,6 +5,7 @@ Layout under the store root (default ``./storage``)::
     <table>.parquet        small tables, rewritten whole on each change (temp file + rename)
     scores/part-*.parquet  the score table, append-only parts (only missing keys are appended)
     images/                generated images, content-addressed
+    adapters/              fine-tuned LoRA adapters with their training state, one folder per run
     tia2.duckdb            DuckDB catalog: one view per table, absolute paths, rebuilt atomically
     .locks/                one lock file per table; writers hold it while they read-modify-write
     .store_id              random id of this store's life (renewed when tables were deleted);
@@ -82,6 +83,28 @@ TABLES: dict[str, TableSpec] = {
             ("created_at", TIMESTAMP, False),
         ),
         key=("request_key",),
+    ),
+    # Sentence embeddings of prompt texts (graph-based selection), computed once per embedder.
+    "text_embeddings": TableSpec(
+        _schema(
+            ("embedder", pa.string(), False),
+            ("text", pa.string(), False),
+            ("embedding", pa.list_(pa.float32()), False),
+        ),
+        key=("embedder", "text"),
+    ),
+    # Prompts picked from a pool by graph-based selection, in the order they were picked.
+    "prompt_selections": TableSpec(
+        _schema(
+            ("set", pa.string(), False),
+            ("prompt_id", pa.string(), False),
+            ("rank", pa.int32(), False),
+            ("pool", pa.string(), False),
+            ("k", pa.int32(), False),
+            ("seed", pa.int64(), False),
+            ("coverage", pa.float64(), False),  # share of the pool covered after this pick
+        ),
+        key=("set", "prompt_id"),
     ),
     # `ordinal` (the image's position among its prompt's images: benchmark file order, or the
     # generation index) is not in DESIGN.md's list: AP@k breaks reward ties by it.
@@ -167,6 +190,26 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("set", "prompt_id", "reward"),
     ),
+    # Fine-tuning checkpoints (tasks/finetune.py): a run is one (algorithm, base model, reward,
+    # hyperparameters, prompts); each checkpoint's adapter, evaluated against the base model on the
+    # training prompts with fixed seeds (wins: images whose reward beats the base image's).
+    "finetune_checkpoints": TableSpec(
+        _schema(
+            ("run", pa.string(), False),
+            ("algo", pa.string(), False),
+            ("generator", pa.string(), False),
+            ("reward", pa.string(), False),
+            ("step", pa.int32(), False),
+            ("path", pa.string(), False),
+            ("mean_reward", pa.float64(), False),
+            ("base_mean_reward", pa.float64(), False),
+            ("wins", pa.int32(), False),
+            ("n_eval", pa.int32(), False),
+            ("loss", pa.float64(), True),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("run", "step"),
+    ),
 }
 
 
@@ -220,6 +263,11 @@ class Store:
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Fine-tuned LoRA adapters and their training state, one folder per run."""
+        return self.root / "adapters"
 
     @property
     def catalog_path(self) -> Path:
