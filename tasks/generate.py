@@ -56,20 +56,64 @@ class GenerateReport:
     images: int = 0
     already_present: int = 0
     seconds: float = 0.0
+    batch_size: int = 0  # the largest batch made
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def generate_images(store: Store, generator, sets: list[str] | None = None, images_per_prompt: int = 1,
-                    steps: int = DEFAULTS["steps"], guidance: float = DEFAULTS["guidance"],
-                    base_seed: int = 0, batch_size: int = 4, max_prompts: int | None = None) -> GenerateReport:
-    """Make the missing images for every prompt of the given sets (the first `max_prompts` of each)."""
+def prompts_to_generate(store: Store, sets: list[str] | None = None, max_prompts: int | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> list[tuple[str, str, str]]:
+    """(prompt_id, text, set) of the given sets (the first `max_prompts` of each), in a stable
+    order; with shard (i, n), every n-th of them from the i-th, so n workers split the work."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist")
     prompts = store.connect().execute(
         """SELECT prompt_id, text, set FROM prompts WHERE $sets IS NULL OR set IN (SELECT unnest($sets))
            QUALIFY $limit IS NULL OR row_number() OVER (PARTITION BY set ORDER BY prompt_id) <= $limit
            ORDER BY set, prompt_id""", {"sets": sets, "limit": max_prompts}).fetchall()
+    return prompts[index::count]
+
+
+def batch_size_for_memory(free_bytes: int, peak_one: int, peak_two: int, limit: int = 64) -> int:
+    """The largest batch whose peak memory fits 90% of the free memory, from the peaks measured
+    for batches of one and two images: memory grows by (peak_two - peak_one) per image."""
+    per_image = max(peak_two - peak_one, 1)
+    fixed = peak_one - per_image
+    return int(max(1, min(limit, (0.9 * free_bytes - fixed) // per_image)))
+
+
+def probe_batch_size(generator, steps: int = 2, limit: int = 64) -> int:
+    """Batch size from the GPU's free memory: two short runs (one and two images, decoded too)
+    measure what an image costs; the rest of the memory is spent on images."""
+    import torch
+
+    pipe = generator.pipeline
+    device = pipe.device
+    free, _ = torch.cuda.mem_get_info(device)
+    peaks = []
+    for size in (1, 2):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            pipe(["a photo of a cat"] * size, num_inference_steps=steps)
+        peaks.append(torch.cuda.max_memory_allocated(device) - before)
+    return batch_size_for_memory(free, peaks[0], peaks[1], limit)
+
+
+def generate_images(store: Store, generator, sets: list[str] | None = None, images_per_prompt: int = 1,
+                    steps: int = DEFAULTS["steps"], guidance: float = DEFAULTS["guidance"],
+                    base_seed: int = 0, batch_size: int | None = 4, max_prompts: int | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> GenerateReport:
+    """Make the missing images for every prompt of the given sets (the first `max_prompts` of
+    each; of one shard of them). A batch holds several prompts; batch_size None: on a GPU, from
+    its free memory (probe_batch_size), on the CPU 4 (images are made one at a time there)."""
+    prompts = prompts_to_generate(store, sets, max_prompts, shard)
+    if batch_size is None:
+        batch_size = probe_batch_size(generator) if generator.pipeline.device.type == "cuda" else 4
     existing = set(store.read("images").column("image_id").to_pylist())
     wanted = [(pid, text, set_name, i) for pid, text, set_name in prompts for i in range(images_per_prompt)]
     todo = [w for w in wanted
@@ -110,14 +154,15 @@ def _generate_batch(store: Store, generator, batch: list, steps: int, guidance: 
                          width=image.width, height=image.height))
     store.upsert("images", pa.Table.from_pylist(rows))
     report.images += len(rows)
+    report.batch_size = max(report.batch_size, len(batch))
 
 
 def record_generate(store: Store, model: str, weights: str = "pretrained", sets: list[str] | None = None,
                     images_per_prompt: int = 1, steps: int = DEFAULTS["steps"],
-                    guidance: float = DEFAULTS["guidance"], base_seed: int = 0, batch_size: int = 4,
+                    guidance: float = DEFAULTS["guidance"], base_seed: int = 0, batch_size: int | None = None,
                     max_prompts: int | None = None, device: str = "cpu", lora: str | None = None,
                     dtype: str = "fp32", channels_last: bool = False, compile_unet: bool = False,
-                    parent_run_id: str | None = None) -> GenerateReport:
+                    parent_run_id: str | None = None, shard: tuple[int, int] = (0, 1)) -> GenerateReport:
     """Build the generator (with a LoRA adapter when given), make the missing images, log
     identity, counts, images/s and a sample grid to MLflow."""
     import mlflow
@@ -133,12 +178,12 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
               "sets": sets or "all",
               "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
               "base_seed": base_seed, "batch_size": batch_size, "max_prompts": max_prompts, "device": device,
-              "dtype": dtype, "channels_last": channels_last, "compile": compile_unet}
+              "dtype": dtype, "channels_last": channels_last, "compile": compile_unet, "shard": f"{shard[0]}/{shard[1]}"}
     with stage_run("generate", params, parent_run_id):
         report = generate_images(store, generator, sets, images_per_prompt, steps, guidance, base_seed,
-                                 batch_size, max_prompts)
+                                 batch_size, max_prompts, shard)
         mlflow.log_metrics({"images": report.images, "already_present": report.already_present,
-                            "images_per_second": report.images_per_second})
+                            "images_per_second": report.images_per_second, "batch_size": report.batch_size})
         grid = sample_grid(store, f"{generator.name}@{generator.identity}", generator.lora)
         if grid is not None:
             mlflow.log_image(grid, "sample_grid.png")

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from tasks.generate import generate_images
+from tasks.generate import batch_size_for_memory, generate_images, prompts_to_generate
 from tasks.ingest import ingest_tia2
 from tia2.cli import main
 from tia2.models.diffusion import create_pipeline, generator_config
@@ -32,6 +32,28 @@ def test_same_images_byte_for_byte_whatever_the_batch_size(tmp_path, mini_releas
     assert len({row[1] for row in made[0]}) == 6  # six different images
     image_id, sha, seed, generator, steps, guidance = made[0][0]
     assert generator == "tiny-sd@random-init:0" and steps == 3 and guidance == 7.5
+
+
+def test_shards_split_the_prompts_and_make_the_same_images(tmp_path, mini_release, tiny_sd):
+    whole = Store(tmp_path / "whole")
+    ingest_tia2(whole, str(mini_release))
+    everything = prompts_to_generate(whole)
+    shards = [prompts_to_generate(whole, shard=(i, 4)) for i in range(4)]
+    assert sorted(p for shard in shards for p in shard) == sorted(everything) and all(shards)
+    generate_images(whole, tiny_sd, None, images_per_prompt=1, steps=2)
+    split = Store(tmp_path / "split")
+    ingest_tia2(split, str(mini_release))
+    reports = [generate_images(split, tiny_sd, None, images_per_prompt=1, steps=2, shard=(i, 2)) for i in range(2)]
+    assert [r.images for r in reports] == [3, 3]
+    assert _made(split) == _made(whole)
+
+
+def test_batch_size_from_free_memory():
+    gib = 2**30
+    # 0.5 GiB more per image; 2.5 GiB whatever the batch; 9 of 10 GiB usable
+    assert batch_size_for_memory(10 * gib, 3 * gib, int(3.5 * gib)) == 13
+    assert batch_size_for_memory(80 * gib, 3 * gib, int(3.5 * gib), limit=64) == 64
+    assert batch_size_for_memory(2 * gib, 3 * gib, int(3.5 * gib)) == 1  # never below one
 
 
 def test_rerun_makes_only_missing_images(tmp_path, mini_release, tiny_sd):
