@@ -1,5 +1,6 @@
-"""The `tia2-benchmark` flow: TIA2 ingest → image generation and image files → scoring with
-reward models → score import → metrics of reward specs → report.
+"""The `tia2-benchmark` flow: TIA2 ingest → prompts selected from a pool → contrast prompts for
+prompts without any → image generation and image files → scoring with reward models → score
+import → metrics of reward specs → report.
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 its source and the state of the store it reads (the store's id and a fingerprint of the tables),
@@ -17,19 +18,22 @@ from tia2.config import set_prefect_defaults
 set_prefect_defaults()  # before prefect is imported: its settings are read at import
 
 import mlflow  # noqa: E402
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
+from tasks.contrast import record_contrast  # noqa: E402
 from tasks.generate import record_generate  # noqa: E402
 from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
+from tasks.prompts import record_select_from_pool  # noqa: E402
 from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import Store  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
 
+POOL_SET = "selected"  # the set of prompts picked from the pool
 # The MLflow parent run differs every run and must not enter the cache key.
 CACHED = (INPUTS - "parent_run_id") + TASK_SOURCE
 
@@ -56,6 +60,20 @@ def ingest_task(store_root: str, source: str, sets: tuple[str, ...], source_key:
     return report
 
 
+@task(name="sample-prompts", cache_policy=CACHED, persist_result=True)
+def sample_prompts_task(store_root: str, pool: str, pool_key: str, n: int, k: int, seed: int, set_name: str,
+                        store_id: str, parent_run_id: str) -> dict:
+    return record_select_from_pool(Store(store_root), pool, n, k, seed, set_name, parent_run_id,
+                                   show_progress=False)
+
+
+@task(name="contrast", cache_policy=CACHED, persist_result=True)
+def contrast_task(store_root: str, method: str, prompts_key: str, parent_run_id: str) -> dict:
+    """Contrast prompts for the prompts that have none (TIA2's captions come with theirs)."""
+    return record_contrast(Store(store_root), method, missing_only=True, parent_run_id=parent_run_id,
+                           show_progress=False)
+
+
 @task(name="import-scores", cache_policy=CACHED, persist_result=True)
 def import_scores_task(store_root: str, file: str, file_key: str, store_id: str) -> dict:
     return import_scores(Store(store_root), file)
@@ -63,12 +81,12 @@ def import_scores_task(store_root: str, file: str, file_key: str, store_id: str)
 
 @task(name="generate", cache_policy=CACHED, persist_result=True, tags=["gpu"])
 def generate_task(store_root: str, model: str, sets: tuple[str, ...], images_per_prompt: int, steps: int,
-                  guidance: float, max_prompts: int | None, device: str, store_key: str,
+                  guidance: float, max_prompts: int | None, device: str, shard: tuple[int, int], store_key: str,
                   parent_run_id: str) -> dict:
     report = record_generate(Store(store_root), model, "pretrained", list(sets), images_per_prompt, steps,
-                             guidance, max_prompts=max_prompts, device=device, parent_run_id=parent_run_id)
-    return {"generator": model, "images": report.images, "already_present": report.already_present,
-            "images_per_second": round(report.images_per_second, 3)}
+                             guidance, max_prompts=max_prompts, device=device, parent_run_id=parent_run_id,
+                             shard=shard)
+    return {"images": report.images, "already_present": report.already_present, "seconds": report.seconds}
 
 
 @task(name="import-images", cache_policy=CACHED, persist_result=True)
@@ -109,14 +127,17 @@ def _folder_key(folder: str) -> str:
 
 @flow(name="tia2-benchmark")
 def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
-                   sets: list[str] = list(SETS), generator: str | None = None, images_per_prompt: int = 1,
-                   steps: int = 50, guidance: float = 7.5, max_prompts: int | None = None,
+                   sets: list[str] = list(SETS), prompt_pool: str | None = None, pool_prompts: int = 100,
+                   pool_k: int = 150, pool_seed: int = 0, contrast_method: str = "rules",
+                   generator: str | None = None, images_per_prompt: int = 1, steps: int = 50,
+                   guidance: float = 7.5, max_prompts: int | None = None, generate_shards: int = 1,
                    image_folders: dict[str, str] = {},  # noqa: B006
                    reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
                    device: str = "cpu", batch_size: int = 32,
                    score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
-    """Ingest TIA2, generate images for its prompts, register image files, score them with reward
-    models, import score files, evaluate reward specs against the human labels."""
+    """Ingest TIA2, select prompts from a pool, make contrast prompts where missing, generate
+    images, register image files, score them with reward models, import score files, evaluate
+    reward specs against the human labels."""
     logger = get_run_logger()
     specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
     sets = tuple(sets)
@@ -128,10 +149,27 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
         ingest = ingest_task(str(data.root), tia2_source, sets, source_fingerprint(tia2_source),
                              data.store_id, parent_id)
         logger.info("ingest: %s", ingest["new_rows"])
+        prompt_sets, selected = sets, None
+        if prompt_pool:
+            selected = sample_prompts_task(str(data.root), str(Path(prompt_pool).resolve()), _file_key(prompt_pool),
+                                           pool_prompts, pool_k, pool_seed, POOL_SET, data.store_id, parent_id)
+            prompt_sets = (*sets, POOL_SET)
+            logger.info("sample-prompts: %s", selected)
+        contrast = contrast_task(str(data.root), contrast_method, data.fingerprint("prompts"), parent_id)
+        logger.info("contrast: %s new rows for %s prompts without any", contrast["rows_added"], contrast["prompts"])
         generated = None
         if generator:
-            generated = generate_task(str(data.root), generator, sets, images_per_prompt, steps, guidance,
-                                      max_prompts, device, data.fingerprint("prompts"), parent_id)
+            # one task per shard of the prompts: a task runner with several workers (threads, a
+            # Dask cluster) runs them side by side; the `gpu` tag's concurrency limit keeps a
+            # single GPU to one at a time
+            shards = [(i, generate_shards) for i in range(generate_shards)]
+            reports = [f.result() for f in generate_task.map(
+                str(data.root), generator, unmapped(prompt_sets), images_per_prompt, steps, guidance, max_prompts,
+                device, shards, data.fingerprint("prompts"), parent_id)]
+            made = sum(r["images"] for r in reports)
+            generated = {"generator": generator, "images": made, "shards": generate_shards,
+                         "already_present": sum(r["already_present"] for r in reports),
+                         "images_per_second": round(made / max(sum(r["seconds"] for r in reports), 1e-9), 3)}
             logger.info("generate: %s", generated)
         for set_name, folder in image_folders.items():
             registered = import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
@@ -148,7 +186,7 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),
                                           _file_key(file), data.store_id)
             logger.info("import %s: %s", file, imported)
-        summary = {"ingest": ingest, "generated": generated, "scores": summary_scores,
+        summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated, "scores": summary_scores,
                    "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None}
         if reward_models:
             summary["caption_ranking"] = caption_ranking(data, list(reward_models)).to_string(index=False)

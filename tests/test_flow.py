@@ -60,7 +60,8 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
     second = _run_benchmark(config, flow_env)
     assert second.returncode == 0, second.stderr[-3000:]
     task_lines = [line for line in second.stderr.splitlines() if "Task run" in line and "Finished" in line]
-    assert len(task_lines) == 3 + len(sets) + 1 and all("Cached" in line for line in task_lines), task_lines
+    # ingest, contrast, 3 image folders, score, import-scores, metrics
+    assert len(task_lines) == 4 + len(sets) + 1 and all("Cached" in line for line in task_lines), task_lines
 
     # One parent run per flow run, stages nested under it, tagged with the flow run id.
     runs = mlflow.search_runs(experiment_names=["tia2"], output_format="list")
@@ -71,7 +72,7 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
     def stages(parent):
         return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
 
-    assert stages(first_run) == {"ingest-tia2", "score", "metrics"}
+    assert stages(first_run) == {"ingest-tia2", "contrast", "score", "metrics"}
     assert stages(second_run) == set()  # every stage was cached
 
 
@@ -100,7 +101,17 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     flow_env["env"]["TIA2_STORE"] = str(tmp_path / "store")
     out = _run_benchmark("tiny", flow_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "generated with tiny-sd: 12 new images" in out.stdout
+    # 4 prompts picked from ImageReward's benchmark prompts get rule-made contrast prompts, and
+    # images beside the release's 2 x 3 captions
+    assert "selected 4 of 100 pool prompts (set selected)" in out.stdout
+    assert "contrast prompts (rules) for 4 prompts that had none" in out.stdout
+    assert "generated with tiny-sd: 20 new images" in out.stdout
+    store = Store(tmp_path / "store")
+    [(pool_images, rows)] = main_sql(store.root, """
+        SELECT count(DISTINCT i.image_id), count(*) FROM images i JOIN prompts p USING (prompt_id)
+        JOIN (SELECT prompt_id, text FROM prompts UNION SELECT prompt_id, text FROM contrast_prompts) t
+        USING (prompt_id) WHERE p.set = 'selected'""")
+    assert pool_images == 8 and rows > 8  # scored against captions and contrast prompts
     for name in ("tiny-clip", "tiny-pickscore", "tiny-hpsv2", "tiny-blip2", "tiny-imagereward", "tiny-aesthetic"):
-        assert f"scored with {name}: 12 images, 48 new rows" in out.stdout
+        assert f"scored with {name}: 20 images, {48 + rows} new rows" in out.stdout
     assert "caption_top1" in out.stdout

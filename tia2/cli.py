@@ -35,6 +35,15 @@ def _csv_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 # --- subcommands ------------------------------------------------------------------------------
 def cmd_ingest(args) -> int:
     from tasks.ingest import DEFAULT_SOURCE, ingest_tia2
@@ -75,6 +84,22 @@ def cmd_import_images(args) -> int:
     print(f"set {result['set']}: registered {result['registered']} image files "
           f"({result['new_images']} new images; the set has {result['set_images']})"
           + (f"; {result['unmatched_files']} files matched no image of the set" if result["unmatched_files"] else ""))
+    return 0
+
+
+def cmd_sample_prompts(args) -> int:
+    from tasks.prompts import record_select_from_pool, record_synthetic_prompts
+
+    if args.synthetic:
+        for set_name, report in record_synthetic_prompts(_store(args), args.synthetic).items():
+            print(f"{set_name}: {report['prompts']} synthetic prompts ({report['added']} new)")
+        return 0
+    summary = record_select_from_pool(_store(args), args.pool, args.n, args.k, args.seed, args.set_name)
+    print(f"selected {summary['selected']} of {summary['pool_size']} prompts into set {summary['set']!r} "
+          f"(k={summary['k']}): coverage {summary['coverage']:.1%}, random selection "
+          f"{summary['random_coverage']:.1%}")
+    print(f"  embedded {summary['embedded_now']} prompts in {summary['seconds_embed']:.1f} s (the rest from the "
+          f"store), k-NN graph {summary['seconds_knn']:.1f} s, selection {summary['seconds_select']:.2f} s")
     return 0
 
 
@@ -121,7 +146,7 @@ def cmd_score(args) -> int:
 def cmd_generate(args) -> int:
     from tasks.generate import record_generate
 
-    if args.images_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
+    if args.images_per_prompt < 1 or args.steps < 1 or (args.batch_size or 1) < 1:
         raise UserError("--images-per-prompt, --steps and --batch-size must be at least 1")
     report = record_generate(_store(args, create=False), args.model, "random" if args.random_init else args.weights,
                              args.set, args.images_per_prompt, args.steps, args.guidance, args.seed,
@@ -213,6 +238,10 @@ def cmd_benchmark(args) -> int:
     check_source(config["tia2_source"], tuple(config.get("sets", _all_sets())))
     for spec in config.get("rewards", []):
         parse_spec(spec)
+    if config.get("prompt_pool"):
+        from tasks.prompts import read_pool
+
+        read_pool(config["prompt_pool"])
     from flows.tia2_benchmark import tia2_benchmark
 
     summary = tia2_benchmark(**config)
@@ -220,6 +249,14 @@ def cmd_benchmark(args) -> int:
     print("TIA2 in the store: " + ", ".join(
         f"{s} {ingest[s]['captions']} captions / {ingest[s]['images']} images"
         for s in config.get("sets", _all_sets()) if s in ingest))
+    if summary["selected"]:
+        picked = summary["selected"]
+        print(f"selected {picked['selected']} of {picked['pool_size']} pool prompts (set {picked['set']}): "
+              f"coverage {picked['coverage']:.1%}, random {picked['random_coverage']:.1%}")
+    contrast = summary["contrast"]
+    if contrast["prompts"]:
+        print(f"contrast prompts ({contrast['method']}) for {contrast['prompts']} prompts that had none: "
+              f"{contrast['rows_added']} new")
     if summary["generated"]:
         made = summary["generated"]
         print(f"generated with {made['generator']}: {made['images']} new images "
@@ -288,6 +325,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", required=True, metavar="SET")
     p.add_argument("folder", metavar="FOLDER")
 
+    p = add("sample-prompts", cmd_sample_prompts, "pick diverse prompts from a pool, or write TIA2's synthetic prompts", """\
+        --pool FILE: graph-based selection (ImageReward paper, Appendix A.1; vote-k). Prompts are
+        embedded with all-MiniLM-L6-v2 (kept in the store: a pool is embedded once), joined to
+        their k nearest neighbours by cosine similarity (exact up to 50,000 prompts, an inverted-
+        file index above), and picked greedily: a prompt scores the votes of prompts that have it
+        as a neighbour, votes from prompts near an earlier pick count ten times less. The picks
+        become set NAME in `prompts`, their order and coverage go to `prompt_selections`, and
+        MLflow gets a map of the pool. Deterministic for a seed.
+        FILE: JSON (strings, or objects with text/prompt/caption), CSV or Parquet (a
+        text/prompt/caption column), or text with one prompt per line.
+        --synthetic SET: TIA2's synthetic prompts (counting: 1-6 of each of Table 6's 25
+        classes; composition: every pair of classes), as the benchmark lists them.""")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pool", metavar="FILE", help="the prompt pool to select from")
+    source.add_argument("--synthetic", action="append", choices=["counting", "composition"],
+                        help="write this synthetic TIA2 set (repeatable)")
+    p.add_argument("--n", type=int, default=100, help="prompts to select (default 100)")
+    p.add_argument("--k", type=int, default=150, help="neighbours per prompt in the graph (default 150, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="breaks ties between equal scores (default 0)")
+    p.add_argument("--set-name", default="selected", metavar="NAME", help="set of the selected prompts (default selected)")
+
     from tasks.contrast import LLMSettings
 
     llm = LLMSettings()
@@ -351,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, TextNorm paper)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N")
+    p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="images per batch, across prompts (default auto: on a GPU, as many as its free "
+                        "memory holds, measured with two short runs; on the CPU 4)")
     p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N prompts of each set")
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="pretrained", metavar="PATH",

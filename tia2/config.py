@@ -16,11 +16,18 @@ CONFIG_KEYS = {
     "store": "store root (default: TIA2_STORE or ./storage)",
     "tia2_source": "folder or base URL of the TIA2 release (default: TIA2_SOURCE, else the public repository)",
     "sets": "TIA2 sets to ingest and evaluate (comprehensive, counting, composition)",
+    "prompt_pool": "file of prompts (JSON/CSV/Parquet/text) to select diverse prompts from (tia2 sample-prompts); "
+                   "they become set `selected`",
+    "pool_prompts": "how many prompts to select from the pool (default 100)",
+    "pool_k": "neighbours per prompt in the selection graph (default 150, the ImageReward paper's)",
+    "pool_seed": "seed of the selection's tie-breaks",
+    "contrast_method": "method for prompts without contrast prompts: rules (default) or llm (tia2 contrast)",
     "generator": "diffusion model to make images for the prompts (tia2 generate), e.g. tiny-sd, sd-2-1",
     "images_per_prompt": "images the generator makes per prompt",
     "steps": "denoising steps (TextNorm paper: 50)",
     "guidance": "classifier-free guidance scale (TextNorm paper: 7.5)",
     "max_prompts": "generate for the first N prompts of each set only (all when absent)",
+    "generate_shards": "split generation into this many Prefect tasks over shards of the prompts (default 1)",
     "image_folders": "image files to register, {set: folder} (see tia2 import-images)",
     "reward_models": "reward models to score every image with (tia2 score), e.g. [tiny-clip, pickscore]",
     "weights": "weights of those models: pretrained (hub / HF cache), random, or a local path",
@@ -52,6 +59,9 @@ def load_config(profile_or_path: str) -> dict:
     if unknown:
         raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)} "
                         f"(known: {', '.join(CONFIG_KEYS)})")
+    if path.parent == PROFILES_DIR and config.get("prompt_pool"):
+        # a profile's relative paths are relative to the project, wherever it is run from
+        config["prompt_pool"] = str((PROJECT_ROOT / config["prompt_pool"]).resolve())
     return config
 
 
