@@ -222,6 +222,29 @@ def _print_table(columns: list[str], rows: list[tuple]) -> None:
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
+def cmd_finetune(args) -> int:
+    from tasks.finetune import paper_config, record_finetune
+
+    overrides = {k: getattr(args, k) for k in (
+        "steps", "checkpoint_every", "seed", "denoise_steps", "guidance", "learning_rate", "batch_size",
+        "lora_rank", "images_per_prompt", "keep", "kl_beta", "samples_per_iteration", "refl_lambda",
+        "eval_images_per_prompt")}
+    if args.lora_rank is not None:
+        overrides["lora_alpha"] = float(args.lora_rank)
+    config = paper_config(args.algo, args.reward, **overrides)
+    result = record_finetune(_store(args, create=False), args.model, config, args.set, args.max_prompts,
+                             "random" if args.random_init else args.weights, device=args.device)
+    done = result.checkpoints[-1].step if result.checkpoints else result.start_step
+    print(f"{config.algo} on {result.generator} against {config.reward}: steps {result.start_step} -> {done} "
+          f"({result.steps_per_second:.2f} steps/s), adapters in {result.folder}")
+    for c in result.checkpoints:
+        print(f"  step {c.step:>6}  mean reward {c.mean_reward:.4f} (base {c.base_mean_reward:.4f})  "
+              f"beats base {c.wins}/{c.n_eval}")
+    if result.selected_step is not None:
+        print(f"  selected checkpoint (earliest with the most wins): step {result.selected_step}")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from tia2.config import load_config
 
@@ -464,6 +487,52 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON records")
+
+    p = add("finetune", cmd_finetune, "fine-tune a generator's UNet with LoRA against a reward spec", """\
+        Fine-tune LoRA weights of the UNet (attention projections; the base stays frozen) on the
+        store's prompts (--set, --max-prompts) to maximise a reward spec (any: a model, textnorm(...),
+        mean(...), ur(...); scored online, on pixels). A step is one optimizer update.
+          rwr   reward-weighted regression (TextNorm paper eq. 4): the base model makes N images per
+                prompt, the top K by the reward are the data; loss = reward-weighted denoising loss
+                + beta * distance of the noise prediction to the frozen base's (the KL term).
+                Defaults (Table 4): 50 steps, guidance 7.5, AdamW lr 1e-5, wd 1e-2, batch 32,
+                N 100, K 10, beta 0.5; try beta in 0, 0.25, 0.5, 0.75, 1 and keep the one whose
+                selected checkpoint beats the base most often (Appendix A.2).
+          ddpo  DDPO (Black et al. 2023; TextNorm eq. 5): DDIM sampling with eta 1 and per-step
+                log-probabilities, per-prompt reward normalisation, PPO-clipped policy gradient
+                over timesteps, one update per iteration of 256 samples. Defaults (Table 4):
+                50 steps, guidance 5, lr 3e-4, wd 1e-4, batch 64.
+          refl  ReFL (ImageReward Algorithm 1): denoise without gradients to a random step in
+                [30, 39] of 40, one step with gradients, predict x0, decode, reward;
+                loss = 1e-3 * ReLU(2 - reward) + the denoising loss on (caption, image) pairs (the
+                store's images of the prompts, else the base model's). lr 1e-5, batch 64.
+        Checkpoints (adapter safetensors + optimizer state) every --checkpoint-every steps go to
+        the store's adapters/<algo>-<run>/step-N, to MLflow (with base model, reward spec, step) and
+        to the finetune_checkpoints table, each evaluated against the base model on the training
+        prompts with fixed seeds. Re-running the same command continues from the last checkpoint.""")
+    p.add_argument("--algo", required=True, choices=["rwr", "ddpo", "refl"])
+    p.add_argument("--reward", required=True, metavar="SPEC", help="the reward spec to maximise")
+    p.add_argument("--model", required=True, metavar="ID", help="generator (tiny-sd, sd-2-1, sd-2-1-base)")
+    p.add_argument("--set", action="append", metavar="NAME", help="training prompts of this set (repeatable)")
+    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N prompts of each set")
+    p.add_argument("--steps", type=int, metavar="N", help="target optimizer steps (default rwr 1000, ddpo 500, refl 1000)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="(default 100)")
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--denoise-steps", type=int, metavar="N", help="sampling steps (default 50; refl 40)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5; ddpo 5)")
+    p.add_argument("--learning-rate", type=float, metavar="LR")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank, alpha = rank (default 4)")
+    p.add_argument("--images-per-prompt", type=int, metavar="N", help="rwr: images per prompt (default 100)")
+    p.add_argument("--keep", type=int, metavar="K", help="rwr: top K per prompt (default 10)")
+    p.add_argument("--kl-beta", type=float, metavar="B", help="rwr: KL coefficient (default 0.5)")
+    p.add_argument("--samples-per-iteration", type=int, metavar="N", help="ddpo (default 256)")
+    p.add_argument("--refl-lambda", type=float, metavar="L", help="refl: reward loss scale (default 1e-3)")
+    p.add_argument("--eval-images-per-prompt", type=int, metavar="N",
+                   help="images per prompt for each checkpoint's comparison with the base (default 4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", default="pretrained", metavar="PATH", help="generator weights (released or a folder)")
+    p.add_argument("--random-init", action="store_true", help="the generator's architecture with random weights")
 
     from tia2.config import CONFIG_KEYS
 
