@@ -5,12 +5,14 @@ import → metrics of reward specs → report.
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 its source and the state of the store it reads (the store's id and a fingerprint of the tables),
 so an unchanged re-run reports every stage Cached, and a changed table recomputes what reads it.
-Runs locally with no server: `tia2 benchmark --profile tiny`.
+Runs locally with no server (`tia2 benchmark --config tiny`) or as the `tia2-benchmark`
+deployment (prefect.yaml).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tia2.config import set_prefect_defaults
@@ -25,12 +27,14 @@ from prefect.runtime import deployment, flow_run  # noqa: E402
 
 from tasks.contrast import record_contrast  # noqa: E402
 from tasks.generate import record_generate  # noqa: E402
-from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
-from tasks.prompts import record_select_from_pool  # noqa: E402
+from tasks.ingest import DEFAULT_SOURCE, SETS, check_source, import_images, ingest_tia2  # noqa: E402
+from tasks.prompts import read_pool, record_select_from_pool  # noqa: E402
 from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
+from tia2.config import CONFIG_KEYS, load_config  # noqa: E402
+from tia2.errors import UserError  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
-from tia2.store import Store  # noqa: E402
+from tia2.store import Store, default_store_root  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
 
 POOL_SET = "selected"  # the set of prompts picked from the pool
@@ -125,8 +129,33 @@ def _folder_key(folder: str) -> str:
     return digest.hexdigest()
 
 
+def resolve_config(config: str = "tiny", overrides: dict | None = None) -> dict:
+    """A profile (tiny, paper) or YAML file with `overrides` on top, defaults filled in and checked:
+    a user mistake is one UserError line before any work starts, not a failed task."""
+    settings = load_config(config) | (overrides or {})
+    unknown = sorted(set(settings) - set(CONFIG_KEYS))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+    settings["store"] = settings.get("store") or default_store_root()
+    settings["tia2_source"] = settings.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
+    check_source(settings["tia2_source"], tuple(settings.get("sets", SETS)))
+    for spec in settings.get("rewards", []):
+        parse_spec(spec)
+    if settings.get("prompt_pool"):
+        read_pool(settings["prompt_pool"])
+    return settings
+
+
 @flow(name="tia2-benchmark")
-def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
+def tia2_benchmark(config: str = "tiny", overrides: dict | None = None) -> dict:
+    """The whole benchmark DAG with the settings of a profile (`tiny`: CPU, tiny models; `paper`:
+    the papers' models) or YAML file, and `overrides` of any of its keys (see README,
+    Configuration): ingest TIA2, select prompts from a pool, make contrast prompts where missing,
+    generate images, register image files, score them, import score files, evaluate reward specs."""
+    return run_benchmark(**resolve_config(config, overrides))
+
+
+def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                    sets: list[str] = list(SETS), prompt_pool: str | None = None, pool_prompts: int = 100,
                    pool_k: int = 150, pool_seed: int = 0, contrast_method: str = "rules",
                    generator: str | None = None, images_per_prompt: int = 1, steps: int = 50,
@@ -135,9 +164,7 @@ def tia2_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                    reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
                    device: str = "cpu", batch_size: int = 32,
                    score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
-    """Ingest TIA2, select prompts from a pool, make contrast prompts where missing, generate
-    images, register image files, score them with reward models, import score files, evaluate
-    reward specs against the human labels."""
+    """The DAG itself, inside the tia2-benchmark flow run (its tasks need the flow's context)."""
     logger = get_run_logger()
     specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
     sets = tuple(sets)

@@ -246,28 +246,11 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from tia2.config import load_config
+    from flows.tia2_benchmark import resolve_config, tia2_benchmark
 
-    config = load_config(args.config)
-    if args.store:
-        config["store"] = args.store
-    config.setdefault("store", default_store_root())
-    from tasks.ingest import DEFAULT_SOURCE, check_source
-    from tia2.specs import parse_spec
-
-    config["tia2_source"] = config.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
-    # Check what can be checked before the flow starts: a user mistake is one line, not a
-    # failed flow run with Prefect's traceback.
-    check_source(config["tia2_source"], tuple(config.get("sets", _all_sets())))
-    for spec in config.get("rewards", []):
-        parse_spec(spec)
-    if config.get("prompt_pool"):
-        from tasks.prompts import read_pool
-
-        read_pool(config["prompt_pool"])
-    from flows.tia2_benchmark import tia2_benchmark
-
-    summary = tia2_benchmark(**config)
+    overrides = {"store": args.store} if args.store else {}
+    config = resolve_config(args.config, overrides)  # a user mistake stops here, in one line
+    summary = tia2_benchmark(config=args.config, overrides=overrides)
     ingest = summary["ingest"]
     print("TIA2 in the store: " + ", ".join(
         f"{s} {ingest[s]['captions']} captions / {ingest[s]['images']} images"

@@ -12,6 +12,7 @@ CLIP BPE tokenizer, the scheduler) exactly as diffusers composes a loaded one.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def apply_lora(generator: Generator, path: str | Path) -> Generator:
     return generator
 
 
+# diffusers and transformers resolve their names lazily, and two threads doing it at once (prompt
+# shards mapped by a thread-pool task runner) can see a half-initialised module.
+_LAZY_IMPORT = threading.Lock()
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -57,8 +61,10 @@ def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, devic
     channels-last memory format, and `torch.compile` of the UNet. Attention uses PyTorch's
     scaled-dot-product kernel (diffusers' default with torch 2)."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with _LAZY_IMPORT:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
     from tia2.models.base import folder_weights_file, resolve_weights_folder, weights_identity
     from tia2.models.clip_family import clip_bpe_tokenizer

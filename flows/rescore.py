@@ -1,0 +1,54 @@
+"""The `tia2-rescore` flow, scheduled nightly by prefect.yaml: score the (image, text, reward
+model) rows still missing — new images, new contrast prompts, a reward model added to the
+config — refresh the metrics, and post a Prefect table artifact of what changed.
+
+It reuses the benchmark flow's scoring and metrics tasks, so a model whose inputs did not change
+is a cache hit, and scoring itself only ever computes missing rows.
+"""
+
+from __future__ import annotations
+
+from flows.tia2_benchmark import metrics_task, score_task  # sets Prefect's defaults first
+from tasks.ingest import SETS
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import deployment, flow_run
+from tia2.config import load_config
+from tia2.specs import parse_spec
+from tia2.store import Store, default_store_root
+from tia2.tracking import stage_run
+
+
+def score_counts(store: Store) -> dict[str, int]:
+    """Stored score rows per reward model."""
+    rows = store.connect().execute("SELECT reward_model, count(*) FROM scores GROUP BY ALL").fetchall()
+    return dict(rows)
+
+
+@flow(name="tia2-rescore")
+def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
+    """Score what is missing for the config's reward models and refresh its reward specs' metrics."""
+    logger = get_run_logger()
+    settings = load_config(config) | (overrides or {})
+    rewards = [str(parse_spec(r)) for r in settings.get("rewards", [])]
+    store = Store(settings.get("store") or default_store_root(), create=False)
+    root = str(store.root)
+    before = score_counts(store)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
+    with stage_run("tia2-rescore", {"config": config, "reward_models": settings.get("reward_models", [])},
+                   tags=tags) as parent:
+        parent_id = parent.info.run_id
+        for name in settings.get("reward_models", []):
+            store_key = store.fingerprint("prompts", "contrast_prompts", "images")
+            report = score_task(root, name, settings.get("weights", "pretrained"), settings.get("device", "cpu"),
+                                settings.get("batch_size", 32), store_key, parent_id)
+            logger.info("score: %s", report)
+        after = score_counts(store)
+        changed = [{"reward_model": model, "rows_before": before.get(model, 0), "rows_after": n,
+                    "rows_added": n - before.get(model, 0)} for model, n in sorted(after.items())]
+        if rewards:
+            store_key = store.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
+            metrics_task(root, tuple(rewards), tuple(settings.get("sets", SETS)), store_key, parent_id)
+    create_table_artifact(key="tia2-rescore", table=changed,
+                          description=f"score rows per reward model before and after (MLflow run {parent_id})")
+    return {"changed": changed, "mlflow_run_id": parent_id}

@@ -1,0 +1,118 @@
+"""The deployments for real: `prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME, a
+process work pool, `prefect deploy --all` from prefect.yaml, a worker, deployment runs; then the
+store, MLflow and the Prefect API are checked. Every state (store, MLflow, Prefect) lives in
+tmp_path; the flows run in the project folder (prefect.yaml's pull step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import PROJECT, make_release
+from tia2.store import Store
+
+pytestmark = pytest.mark.slow
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(root / "home"), PREFECT_API_URL=api, PREFECT_CLI_PROMPT="false",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONPATH=str(PROJECT),
+               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+               TIA2_SOURCE=str(make_release(root / "release")), HF_HUB_OFFLINE="1")
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"prefect server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        for command in (["work-pool", "create", "tia2", "--type", "process"],
+                        ["concurrency-limit", "create", "gpu", "1"],
+                        ["deploy", "--all"]):
+            done = subprocess.run([PREFECT, *command], cwd=PROJECT, env=env, capture_output=True, text=True,
+                                  timeout=180)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        yield {"env": env, "api": api, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _run_deployment(server, name: str, params: dict) -> dict:
+    """Create a run of FLOW/DEPLOYMENT, let a worker execute it, return the run from the API."""
+    done = subprocess.run([PREFECT, "deployment", "run", name, "--params", json.dumps(params)], cwd=PROJECT,
+                          env=server["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    flow_run_id = next(line.split()[-1] for line in done.stdout.splitlines() if "UUID" in line)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "tia2", "--run-once"], cwd=PROJECT,
+                            env=server["env"], capture_output=True, text=True, timeout=600)
+    run = httpx.get(f"{server['api']}/flow_runs/{flow_run_id}", timeout=10).json()
+    assert run["state"]["type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    return run
+
+
+def test_benchmark_deployment_runs_on_a_worker_then_rescore_scores_only_a_new_model(server):
+    import mlflow
+
+    store = server["root"] / "store"
+    tiny = {"store": str(store), "sets": ["counting"], "max_prompts": 1, "generate_shards": 1,
+            "reward_models": ["tiny-clip"], "pool_prompts": 2}
+    run = _run_deployment(server, "tia2-benchmark/tia2-benchmark", {"config": "tiny", "overrides": tiny})
+
+    data = Store(store)
+    [(images,)] = data.connect().execute("SELECT count(*) FROM images WHERE sha256 IS NOT NULL").fetchall()
+    assert images == 2 * 2  # 2 images for each of 1 counting caption and (max_prompts) 1 pool prompt
+    assert dict(data.connect().execute("SELECT reward_model, count(*) > 0 FROM scores GROUP BY ALL").fetchall()) \
+        == {"tiny-clip": True}
+
+    mlflow.set_tracking_uri(server["env"]["MLFLOW_TRACKING_URI"])
+    [parent] = [r for r in mlflow.search_runs(experiment_names=["tia2"], output_format="list")
+                if r.info.run_name == "tia2-benchmark"]
+    assert parent.data.tags["prefect.flow_run_id"] == run["id"]
+    assert parent.data.tags["prefect.deployment"] == "tia2-benchmark"
+
+    rescore = httpx.get(f"{server['api']}/deployments/name/tia2-rescore/tia2-rescore", timeout=10).json()
+    [schedule] = rescore["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+
+    clip_rows = data.connect().execute("SELECT count(*) FROM scores WHERE reward_model = 'tiny-clip'").fetchall()
+    run = _run_deployment(server, "tia2-rescore/tia2-rescore",
+                          {"config": "tiny", "overrides": {**tiny, "reward_models": ["tiny-clip", "tiny-aesthetic"]}})
+    assert data.connect().execute("SELECT count(*) FROM scores WHERE reward_model = 'tiny-clip'").fetchall() == clip_rows
+    [(aesthetic_images,)] = data.connect().execute(
+        "SELECT count(DISTINCT image_id) FROM scores WHERE reward_model = 'tiny-aesthetic'").fetchall()
+    assert aesthetic_images == images
+    artifacts = httpx.post(f"{server['api']}/artifacts/filter", json={"artifacts": {"key": {"any_": ["tia2-rescore"]}}},
+                           timeout=10).json()
+    table = json.loads(artifacts[0]["data"])
+    assert {row["reward_model"]: row["rows_added"] for row in table} == {"tiny-clip": 0, "tiny-aesthetic": clip_rows[0][0]}
