@@ -131,7 +131,7 @@ def _check(c: FinetuneConfig) -> None:
                 if getattr(c, name) < 1]
     if c.keep > c.images_per_prompt:
         problems.append(f"keep ({c.keep}) exceeds images_per_prompt ({c.images_per_prompt})")
-    if not 0 <= c.refl_start <= c.refl_end < c.denoise_steps:
+    if c.algo == "refl" and not 0 <= c.refl_start <= c.refl_end < c.denoise_steps:
         problems.append(f"need 0 <= refl_start <= refl_end < denoise_steps "
                         f"(got {c.refl_start}, {c.refl_end}, {c.denoise_steps})")
     if c.eta <= 0 and c.algo == "ddpo":

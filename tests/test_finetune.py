@@ -57,6 +57,21 @@ def test_kl_coefficient_with_most_wins_larger_on_ties():
     assert choose_kl_coefficient({0.0: 5, 0.5: 5, 1.0: 2}) == 0.5
 
 
+def test_paper_defaults_and_the_refl_window_for_other_step_counts():
+    from tia2.errors import UserError
+
+    rwr, ddpo, refl = (paper_config(a, "textnorm( tiny-clip,tau=0.05 )") for a in ("rwr", "ddpo", "refl"))
+    assert (rwr.learning_rate, rwr.batch_size, rwr.guidance, rwr.images_per_prompt, rwr.keep) == (1e-5, 32, 7.5, 100, 10)
+    assert (ddpo.learning_rate, ddpo.batch_size, ddpo.guidance, ddpo.samples_per_iteration) == (3e-4, 64, 5.0, 256)
+    assert (refl.denoise_steps, refl.refl_start, refl.refl_end, refl.refl_lambda) == (40, 30, 39, 1e-3)
+    assert rwr.reward == "textnorm(tiny-clip, tau=0.05)"
+    assert paper_config("rwr", "tiny-clip", denoise_steps=10).denoise_steps == 10
+    short = paper_config("refl", "tiny-clip", denoise_steps=8)
+    assert (short.refl_start, short.refl_end) == (6, 7)
+    with pytest.raises(UserError, match="refl_start"):
+        paper_config("refl", "tiny-clip", denoise_steps=8, refl_start=5, refl_end=9)
+
+
 def test_ddim_log_prob_is_the_gaussian_density_of_the_step():
     from diffusers import DDIMScheduler
 
