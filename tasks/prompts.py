@@ -317,7 +317,7 @@ def vote_k(neighbours: np.ndarray, n: int, seed: int = 0, rho: float = 10.0) -> 
         step = np.broadcast_to((weight[voters] * (1 - 1 / rho))[:, None], their_targets.shape)
         score -= np.bincount(their_targets[ok], weights=step[ok], minlength=size)
         weight[voters] /= rho
-        now_covered = np.append(in_voters[in_start[pick]:in_start[pick + 1]], pick)  # distinct rows
+        now_covered = np.unique(np.append(in_voters[in_start[pick]:in_start[pick + 1]], pick))
         covered += int((~is_covered[now_covered]).sum())
         is_covered[now_covered] = True
         coverage.append(covered / size)
