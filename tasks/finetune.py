@@ -726,12 +726,12 @@ def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
 
 
 # --- checkpoint comparison with the base model ---------------------------------------------------
-def checkpoint_win_counts(store: Store, model: str, checkpoints: list[str | Path], prompts: list[tuple[str, str]],
+def checkpoint_win_counts(model: str, checkpoints: list[str | Path], prompts: list[tuple[str, str]],
                           reward: OnlineReward, seeds: list[int], weights: str = "pretrained",
                           denoise_steps: int = 50, guidance: float = 7.5, device: str = "cpu") -> list[int]:
     """For each checkpoint (an adapter file or folder): how many of its images beat the base
-    model's image of the same prompt and seed under the reward. Images come from the released
-    pipeline with the adapter loaded by `apply_lora` (deterministic DDIM)."""
+    model's image of the same prompt and seed under the reward. Images come from a fresh
+    `create_pipeline(model, weights)` with each adapter loaded by `apply_lora` (deterministic DDIM)."""
     from tia2.models.diffusion import apply_lora, create_pipeline
 
     generator = create_pipeline(model, weights=weights, device=device)

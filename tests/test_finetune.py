@@ -215,7 +215,7 @@ def test_adapter_loads_with_apply_lora_and_changes_the_images(tmp_path):
     assert generator.lora.startswith("pytorch_lora_weights.safetensors@sha256:")
     assert np.abs(image() - before).max() > 1e-3
     prompts = training_prompts(store, None, None)
-    counts = checkpoint_win_counts(store, "tiny-sd", [c.path for c in result.checkpoints], prompts,
+    counts = checkpoint_win_counts("tiny-sd", [c.path for c in result.checkpoints], prompts,
                                    OnlineReward("tiny-clip", store, prompts), seeds=[1, 2], denoise_steps=3,
                                    guidance=1.0)
     assert len(counts) == 2 and all(0 <= c <= 4 for c in counts)
