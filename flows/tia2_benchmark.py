@@ -1,6 +1,6 @@
 """The `tia2-benchmark` flow: TIA2 ingest → prompts selected from a pool → contrast prompts for
 prompts without any → image generation and image files → scoring with reward models → score
-import → metrics of reward specs → report.
+import → metrics of reward specs → HTML report (MLflow, linked from a Prefect artifact).
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 its source and the state of the store it reads (the store's id and a fingerprint of the tables),
@@ -29,6 +29,7 @@ from tasks.contrast import record_contrast  # noqa: E402
 from tasks.generate import record_generate  # noqa: E402
 from tasks.ingest import DEFAULT_SOURCE, SETS, check_source, import_images, ingest_tia2  # noqa: E402
 from tasks.prompts import read_pool, record_select_from_pool  # noqa: E402
+from tasks.report import record_report, stage_rows  # noqa: E402
 from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
 from tia2.config import CONFIG_KEYS, load_config  # noqa: E402
@@ -227,4 +228,10 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                          f"```\n{summary['table2']}\n```\n\nMLflow run: `{parent_id}`",
                 description="per-set means of the evaluated reward specs",
             )
+        summary["report"] = record_report(data, summary, list(reward_models))
+        create_markdown_artifact(
+            key="tia2-report",
+            markdown=f"## tia2 benchmark report\n\n[report.html]({summary['report']}) (MLflow run `{parent_id}`)\n\n"
+                     + "\n".join(f"- **{row.stage}**: {row.result}" for row in stage_rows(summary).itertuples()),
+            description="the run's HTML report: stages, caption ranking, Table 2, image grids")
     return summary

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
@@ -114,4 +115,11 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     assert pool_images == 8 and rows > 8  # scored against captions and contrast prompts
     for name in ("tiny-clip", "tiny-pickscore", "tiny-hpsv2", "tiny-blip2", "tiny-imagereward", "tiny-aesthetic"):
         assert f"scored with {name}: 20 images, {48 + rows} new rows" in out.stdout
+    # the run's HTML report, in the flow's MLflow run
+    [parent] = [r for r in mlflow.search_runs(experiment_names=["tia2"], output_format="list")
+                if r.info.run_name == "tia2-benchmark"]
+    page = (Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html"))
+            .read_text())
+    assert "Caption ranking" in page and "tiny-imagereward" in page and "data:image/png;base64," in page
+    assert "sample-prompts" in page and f"report: {parent.info.artifact_uri}/report.html" in out.stdout
     assert "caption_top1" in out.stdout

@@ -275,6 +275,7 @@ def cmd_benchmark(args) -> int:
         print("\nhow often each reward model scores an image's caption above all its contrast prompts:")
         print(summary["caption_ranking"] + "\n")
     print(summary["table2"] or "no reward specs configured: no metrics against human labels")
+    print(f"report: {summary['report']}")
     print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
           f"{_tracking_uri()})")
     return 0
