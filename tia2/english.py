@@ -28,11 +28,15 @@ A_BEFORE = ("uni", "use", "usu", "uti", "eu", "one", "once", "ufo")
 AN_BEFORE = ("hour", "honest", "honour", "honor", "heir")
 
 
+def _head_word(noun: str) -> tuple[str, str, str]:
+    """('teddy ', 'Bear', 'bear'): what precedes the last word, the word, the word in lower case."""
+    head, _, last = noun.rpartition(" ")
+    return (f"{head} " if head else ""), last, last.lower()
+
+
 def plural(noun: str) -> str:
     """'teddy bear' -> 'teddy bears', 'deer' -> 'deer', 'cherry' -> 'cherries'."""
-    head, _, last = noun.rpartition(" ")
-    prefix = f"{head} " if head else ""
-    lower = last.lower()
+    prefix, last, lower = _head_word(noun)
     if lower in IRREGULAR_PLURALS:
         return prefix + IRREGULAR_PLURALS[lower]
     if re.search(r"[^aeiou]y$", lower):
@@ -44,9 +48,7 @@ def plural(noun: str) -> str:
 
 def singular(noun: str) -> str:
     """The inverse of `plural` for the nouns it makes (best effort for others)."""
-    head, _, last = noun.rpartition(" ")
-    prefix = f"{head} " if head else ""
-    lower = last.lower()
+    prefix, last, lower = _head_word(noun)
     if lower in SINGULAR_OF_PLURAL:
         return prefix + SINGULAR_OF_PLURAL[lower]
     if lower in IRREGULAR_PLURALS:  # same in both numbers: deer, sheep
