@@ -8,7 +8,7 @@ is a cache hit, and scoring itself only ever computes missing rows.
 
 from __future__ import annotations
 
-from flows.tia2_benchmark import metrics_task, score_task  # sets Prefect's defaults first
+from flows.tia2_benchmark import metrics_task, score_all  # sets Prefect's defaults first
 from tasks.ingest import SETS
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -39,9 +39,8 @@ def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
                    tags=tags) as parent:
         parent_id = parent.info.run_id
         for name in settings.get("reward_models", []):
-            store_key = store.fingerprint("prompts", "contrast_prompts", "images")
-            report = score_task(root, name, settings.get("weights", "pretrained"), settings.get("device", "cpu"),
-                                settings.get("batch_size", 32), store_key, parent_id)
+            report = score_all(store, name, settings.get("weights", "pretrained"), settings.get("device", "cpu"),
+                               settings.get("batch_size", 32), settings.get("score_shards", 1), parent_id)
             logger.info("score: %s", report)
         after = score_counts(store)
         changed = [{"reward_model": model, "rows_before": before.get(model, 0), "rows_after": n,

@@ -101,11 +101,26 @@ def import_images_task(store_root: str, set_name: str, folder: str, folder_key: 
 
 @task(name="score", cache_policy=CACHED, persist_result=True, tags=["gpu"])
 def score_task(store_root: str, reward_model: str, weights: str, device: str, batch_size: int,
-               store_key: str, parent_run_id: str) -> dict:
+               store_key: str, parent_run_id: str, shard: tuple[int, int] = (0, 1)) -> dict:
     report = record_score(Store(store_root), reward_model, weights, batch_size=batch_size, device=device,
-                          parent_run_id=parent_run_id, show_progress=False)
+                          parent_run_id=parent_run_id, show_progress=False, shard=shard)
     return {"reward_model": reward_model, "images": report.images, "rows_added": report.rows_added,
-            "failures": len(report.failures), "images_per_second": round(report.images_per_second, 2)}
+            "failures": len(report.failures), "seconds": report.seconds}
+
+
+def score_all(store: Store, reward_model: str, weights: str, device: str, batch_size: int, shards: int,
+              parent_run_id: str) -> dict:
+    """One score task per shard of the images (side by side under a task runner with several
+    workers, e.g. a Dask cluster), summed into one report."""
+    # Scoring reads what is to be scored; the rows it adds must not change its own key.
+    store_key = store.fingerprint("prompts", "contrast_prompts", "images")
+    reports = [f.result() for f in score_task.map(
+        str(store.root), reward_model, weights, device, batch_size, store_key, parent_run_id,
+        [(i, shards) for i in range(shards)])]
+    images, seconds = sum(r["images"] for r in reports), sum(r["seconds"] for r in reports)
+    return {"reward_model": reward_model, "images": images, "rows_added": sum(r["rows_added"] for r in reports),
+            "failures": sum(r["failures"] for r in reports), "shards": shards,
+            "images_per_second": round(images / seconds, 2) if seconds else 0.0}
 
 
 @task(name="metrics", cache_policy=CACHED, persist_result=True)
@@ -163,7 +178,7 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                    guidance: float = 7.5, max_prompts: int | None = None, generate_shards: int = 1,
                    image_folders: dict[str, str] = {},  # noqa: B006
                    reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
-                   device: str = "cpu", batch_size: int = 32,
+                   device: str = "cpu", batch_size: int = 32, score_shards: int = 1,
                    score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
     """The DAG itself, inside the tia2-benchmark flow run (its tasks need the flow's context)."""
     logger = get_run_logger()
@@ -205,10 +220,7 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             logger.info("images %s: %s", set_name, registered)
         summary_scores = []
         for name in reward_models:
-            # Scoring reads what is to be scored; the rows it adds must not change its own key.
-            store_key = data.fingerprint("prompts", "contrast_prompts", "images")
-            summary_scores.append(score_task(str(data.root), name, weights, device, batch_size,
-                                             store_key, parent_id))
+            summary_scores.append(score_all(data, name, weights, device, batch_size, score_shards, parent_id))
             logger.info("score: %s", summary_scores[-1])
         for file in score_files:
             imported = import_scores_task(str(data.root), str(Path(file).resolve()),

@@ -132,9 +132,10 @@ def import_scores(store: Store, path: str | Path, run_id: str | None = None) -> 
 
 # --- scoring with a reward model -------------------------------------------------------------------
 def pending_pairs(store: Store, reward_model: str, model_version: str,
-                  sets: list[str] | None = None) -> pd.DataFrame:
+                  sets: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
     """(image_id, path, text) still to score: every image with pixels, against its caption and
-    every distinct contrast prompt, minus the rows already stored for this model and version."""
+    every distinct contrast prompt, minus the rows already stored for this model and version.
+    With shard (i, n), only every n-th image (by image id) from the i-th."""
     con = store.connect()
     return con.execute(
         """
@@ -143,14 +144,15 @@ def pending_pairs(store: Store, reward_model: str, model_version: str,
             UNION SELECT prompt_id, text FROM contrast_prompts),
         wanted AS (
             SELECT i.image_id, i.path, t.text, i.prompt_id, i.ordinal FROM images i JOIN texts t USING (prompt_id)
-            WHERE i.path IS NOT NULL AND ($sets IS NULL OR i.set IN (SELECT unnest($sets))))
+            WHERE i.path IS NOT NULL AND ($sets IS NULL OR i.set IN (SELECT unnest($sets)))
+            QUALIFY (dense_rank() OVER (ORDER BY i.image_id) - 1) % $shards = $shard)
         SELECT w.image_id, w.path, w.text FROM wanted w ANTI JOIN (
             SELECT image_id, text FROM scores WHERE reward_model = $model AND model_version = $version) s
         USING (image_id, text)
         -- a caption's images side by side: a batch then shares its texts, encoded once
         ORDER BY w.prompt_id, w.ordinal, w.image_id, w.text
         """,
-        {"sets": sets, "model": reward_model, "version": model_version},
+        {"sets": sets, "model": reward_model, "version": model_version, "shard": shard[0], "shards": shard[1]},
     ).df()
 
 
@@ -175,7 +177,8 @@ def _load_image(path: str):
 
 
 def score_images(store: Store, model, sets: list[str] | None = None, batch_size: int = 32,
-                 run_id: str | None = None, show_progress: bool = True) -> ScoreReport:
+                 run_id: str | None = None, show_progress: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> ScoreReport:
     """Score every pending (image, text) pair with `model`; each batch of images is appended as
     one atomic part, so a killed run loses at most the batch in flight and a re-run only
     computes what is missing. Unreadable images go to `score_failures`."""
@@ -183,7 +186,7 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
 
     from tia2.progress import progress_bar
 
-    pending = pending_pairs(store, model.name, model.identity, sets)
+    pending = pending_pairs(store, model.name, model.identity, sets, shard)
     by_image = list(pending.groupby("image_id", sort=False))
     report = ScoreReport()
     device = next(model.parameters()).device
@@ -224,8 +227,10 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
 
 def record_score(store: Store, model_name: str, weights: str = "pretrained", sets: list[str] | None = None,
                  batch_size: int = 32, device: str = "cpu", fp16: bool = False, seed: int = 0,
-                 parent_run_id: str | None = None, show_progress: bool = True) -> ScoreReport:
-    """Build the model, score what is missing, log identity, counts and throughput to MLflow."""
+                 parent_run_id: str | None = None, show_progress: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> ScoreReport:
+    """Build the model, score what is missing (of one shard of the images), log identity, counts
+    and throughput to MLflow."""
     import mlflow
 
     from tia2.models import create_reward_model
@@ -237,9 +242,9 @@ def record_score(store: Store, model_name: str, weights: str = "pretrained", set
     if fp16:
         model = model.half()
     params = {"reward_model": model.name, "model_version": model.identity, "sets": sets or "all",
-              "batch_size": batch_size, "device": device, "fp16": fp16}
+              "batch_size": batch_size, "device": device, "fp16": fp16, "shard": f"{shard[0]}/{shard[1]}"}
     with stage_run("score", params, parent_run_id) as run:
-        report = score_images(store, model, sets, batch_size, run.info.run_id, show_progress)
+        report = score_images(store, model, sets, batch_size, run.info.run_id, show_progress, shard)
         mlflow.log_metrics({"images": report.images, "rows_added": report.rows_added,
                             "failures": len(report.failures), "images_per_second": report.images_per_second})
     return report

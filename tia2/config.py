@@ -33,6 +33,7 @@ CONFIG_KEYS = {
     "weights": "weights of those models: pretrained (hub / HF cache), random, or a local path",
     "device": "device for scoring: cpu, cuda, ...",
     "batch_size": "images per scoring batch",
+    "score_shards": "score each model as this many Prefect tasks over shards of the images (default 1)",
     "score_files": "score files (Parquet/CSV) to import before the metrics",
     "rewards": "reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)",
 }
