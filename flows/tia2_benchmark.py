@@ -228,8 +228,9 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             logger.info("import %s: %s", file, imported)
         summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated, "scores": summary_scores,
                    "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None}
-        if reward_models:
-            summary["caption_ranking"] = caption_ranking(data, list(reward_models)).to_string(index=False)
+        ranking = caption_ranking(data, list(reward_models)) if reward_models else None
+        if ranking is not None:
+            summary["caption_ranking"] = ranking.to_string(index=False)
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)
@@ -240,7 +241,7 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                          f"```\n{summary['table2']}\n```\n\nMLflow run: `{parent_id}`",
                 description="per-set means of the evaluated reward specs",
             )
-        summary["report"] = record_report(data, summary, list(reward_models))
+        summary["report"] = record_report(data, summary, ranking)
         create_markdown_artifact(
             key="tia2-report",
             markdown=f"## tia2 benchmark report\n\n[report.html]({summary['report']}) (MLflow run `{parent_id}`)\n\n"

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from tasks.generate import sample_grid
-from tasks.metrics import caption_ranking
 from tia2.store import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -51,14 +50,15 @@ def stage_rows(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "result"])
 
 
-def build_report(store: Store, summary: dict, reward_models: list[str], generator_names: list[str]) -> str:
-    """The report page for a run's `summary` (the flow's return value)."""
+def build_report(store: Store, summary: dict, ranking: pd.DataFrame | None, generator_names: list[str]) -> str:
+    """The report page for a run's `summary` (the flow's return value) and its caption ranking
+    (tasks.metrics.caption_ranking, None without reward models)."""
     parts = [f"<h1>tia2 benchmark run</h1><p>{datetime.now(UTC):%Y-%m-%d %H:%M UTC} · store "
              f"<code>{html.escape(str(store.root))}</code> · MLflow run <code>{summary['mlflow_run_id']}</code></p>",
              "<h2>Stages</h2>", _table(stage_rows(summary))]
-    if reward_models:
+    if ranking is not None:
         parts += ["<h2>Caption ranking</h2><p>How often each reward model scores an image's caption above "
-                  "all its contrast prompts (needs no labels).</p>", _table(caption_ranking(store, reward_models))]
+                  "all its contrast prompts (needs no labels).</p>", _table(ranking)]
     if summary.get("table2"):
         parts += ["<h2>Alignment with human labels (TextNorm paper, Table 2 layout)</h2>",
                   f"<pre>{html.escape(summary['table2'])}</pre>"]
@@ -70,13 +70,13 @@ def build_report(store: Store, summary: dict, reward_models: list[str], generato
            f"</head><body>{''.join(parts)}</body></html>"
 
 
-def record_report(store: Store, summary: dict, reward_models: list[str]) -> str:
+def record_report(store: Store, summary: dict, ranking: pd.DataFrame | None) -> str:
     """Log the report to the active MLflow run (the flow's parent run); returns its URI."""
     import mlflow
 
     from tia2.tracking import log_text_files
 
-    log_text_files({"report.html": build_report(store, summary, reward_models, generator_names(store))})
+    log_text_files({"report.html": build_report(store, summary, ranking, generator_names(store))})
     return f"{mlflow.get_artifact_uri()}/report.html"
 
 

@@ -182,8 +182,10 @@ def test_sample_prompts_end_to_end(tmp_path, capsys):
 
     assert main(argv) == 0  # again: embeddings from the store, the same picks
     assert "embedded 0 prompts" in capsys.readouterr().out
-    again = store.connect().execute("SELECT rank, prompt_id FROM prompt_selections ORDER BY rank").fetchall()
-    assert len(again) == 8
+    again = store.connect().execute(
+        "SELECT p.text, s.rank, s.coverage FROM prompt_selections s JOIN prompts p USING (prompt_id) "
+        "ORDER BY s.rank").fetchall()
+    assert again == picks
 
     [run, *_] = mlflow.search_runs(experiment_names=["tia2"], filter_string="tags.`tia2.stage` = 'sample-prompts'",
                                    output_format="list")
