@@ -7,9 +7,11 @@
 A step is one optimizer update (for DDPO one iteration: sampling `samples_per_iteration`
 trajectories and the update over all their timesteps). Steps/s counts the optimizer steps alone
 (the training data, checkpoints and their evaluation are timed separately, as "total").
-GPU: 512 px, Table 4's settings (RWR batch 32, 50 steps, guidance 7.5; DDPO 256 samples per
-iteration in minibatches of 64, 50 steps, guidance 5; ReFL batch 64, 40 steps) in fp32, against
-CLIP ViT-B/32 with random weights; `--batch-size` and `--samples` shrink them when memory is short.
+GPU: 512 px, Table 4's step counts and guidance (RWR 50 steps, guidance 7.5; DDPO 50 steps,
+guidance 5; ReFL 40 steps) with bf16 mixed precision and gradient checkpointing, against CLIP
+ViT-B/32 with random weights. The papers' batches (RWR 32, DDPO 256 samples per iteration in
+minibatches of 64, ReFL 64) were spread over 8 GPUs; one GPU runs one device's share by default
+(`--batch-size 8`, DDPO `--samples 16`), and a batch that does not fit is halved until it does.
 Peak memory: torch.cuda.max_memory_allocated on a GPU, the process's ru_maxrss on the CPU.
 """
 
@@ -51,17 +53,29 @@ def bench(algo: str, device: str, steps: int, overrides: dict, model: str, weigh
             result = finetune(store, generator, config, prompts, OnlineReward(reward, store, prompts,
                                                                               reward_weights, device))
         except torch.OutOfMemoryError:
-            print(f"{algo:<5} out of GPU memory at batch {config.batch_size}")
+            result = None  # retried below, once the failed attempt's tensors are released
+        del generator
+    if result is None:
+        torch.cuda.empty_cache()
+        if config.batch_size == 1:
+            print(f"{algo:<5} out of GPU memory at batch 1")
             return
+        print(f"{algo:<5} out of GPU memory at batch {config.batch_size}: halving it", flush=True)
+        smaller = dict(overrides, batch_size=config.batch_size // 2)
+        if algo == "ddpo":
+            smaller["samples_per_iteration"] = max(config.samples_per_iteration // 2, 1)
+        bench(algo, device, steps, smaller, model, weights, reward, reward_weights)
+        return
     if device.startswith("cuda"):
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU (max allocated)"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process max)"
     batch = (f"{config.samples_per_iteration} samples/iteration, minibatch {config.batch_size}"
              if algo == "ddpo" else f"batch {config.batch_size}")
-    print(f"{algo:<5} {model}, {batch}, {config.denoise_steps} denoising steps, guidance {config.guidance:g}: "
+    print(f"{algo:<5} {model}, {batch}, {config.denoise_steps} denoising steps, guidance {config.guidance:g}, "
+          f"{config.mixed_precision}{' + gradient checkpointing' if config.gradient_checkpointing else ''}: "
           f"{result.steps_per_second:.3f} steps/s ({steps} steps in {result.training_seconds:.1f} s; "
-          f"total with data and evaluation {result.seconds:.1f} s) | peak {peak}")
+          f"total with data and evaluation {result.seconds:.1f} s) | peak {peak}", flush=True)
 
 
 def main() -> None:
@@ -69,16 +83,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--algos", default="rwr,ddpo,refl")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per algorithm (CPU 5, GPU 3)")
-    parser.add_argument("--batch-size", type=int, help="override the batch size (GPU: the paper's by default)")
-    parser.add_argument("--samples", type=int, help="DDPO samples per iteration (GPU default 256)")
+    parser.add_argument("--batch-size", type=int, help="batch size (GPU default 8, one of the papers' 8 GPUs)")
+    parser.add_argument("--samples", type=int, help="DDPO samples per iteration (GPU default 16)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gpu = args.device.startswith("cuda")
     if gpu:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
         common = dict(model="sd-2-1-base", weights="random", reward="clip", reward_weights="random")
-        per_algo = {"rwr": dict(images_per_prompt=10, keep=10),  # the data set of 100/10 is not timed
-                    "ddpo": dict(samples_per_iteration=args.samples or 256), "refl": dict()}
+        gpu_share = dict(batch_size=8, mixed_precision="bf16", gradient_checkpointing=True)
+        per_algo = {"rwr": dict(gpu_share, images_per_prompt=10, keep=10),  # the data set of 100/10 is not timed
+                    "ddpo": dict(gpu_share, samples_per_iteration=args.samples or 16), "refl": dict(gpu_share)}
     else:
         torch.set_num_threads(1)
         common = dict(model="tiny-sd", weights="pretrained", reward="tiny-clip", reward_weights="pretrained")

@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/generation_bench.py --gpu      # GPU: SD 2.1's architecture, random weights
 
 CPU: images/s of the tiny-sd twin through the generation stage.
-GPU: SD 2.1 (random weights) at 512 and 768 px, 50 steps, batch 1/4/8: the stage's path (fp16,
-channels-last UNet, the batch's prompts in one call; `--compile` adds torch.compile) against a
-plain `pipe(prompt)` loop with diffusers' defaults (fp32, one prompt per call), side by side in
-one run. Target: at least 1.5x the plain loop's images/s at the same resolution and steps.
+GPU: SD 2.1 (random weights) at 512 and 768 px, 50 steps, batch 1/4/8: the generation stage
+(`generate_images`: fp16, channels-last UNet, the batch's prompts in one call, PNGs and store rows
+written; `--compile` adds torch.compile) against a plain `pipe(prompt)` loop with diffusers'
+defaults (fp32, one prompt per call), side by side in one run; then `--batch-size auto`.
+Target: at least 1.5x the plain loop's images/s at the same resolution and steps.
 """
 
 from __future__ import annotations
@@ -51,28 +52,64 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def gpu_bench(resolutions: list[int], batches: list[int], steps: int, compile_unet: bool) -> None:
-    plain = create_pipeline("sd-2-1", weights="random", device="cuda")
-    fast = create_pipeline("sd-2-1", weights="random", device="cuda", dtype="fp16", channels_last=True,
+def bench_store(folder: Path, prompts: int):
+    """A store holding `prompts` distinct prompts (set "bench")."""
+    import pyarrow as pa
+
+    from tia2.store import Store, stable_id
+
+    store = Store(folder)
+    texts = [f"{PROMPT}, variation {i}" for i in range(prompts)]
+    store.upsert("prompts", pa.Table.from_pylist([
+        dict(prompt_id=stable_id("bench", t), text=t, set="bench", category=None, subcategory=None, source="bench")
+        for t in texts]))
+    return store, texts
+
+
+def gpu_bench(resolutions: list[int], batches: list[int], steps: int, compile_unet: bool, plain_images: int = 3,
+              model: str = "sd-2-1", device: str = "cuda", dtype: str = "fp16") -> None:
+    """Per resolution: the plain loop's images/s (`pipe(prompt)` calls, fp32, diffusers' defaults;
+    one prompt per call, so its rate does not depend on a batch), then for each batch the same
+    number of images from the generation stage (`generate_images` with fp16, channels-last,
+    `batch` prompts per call; PNG files and store rows included)."""
+    from tasks.generate import generate_images
+
+    plain = create_pipeline(model, weights="random", device=device)
+    fast = create_pipeline(model, weights="random", device=device, dtype=dtype, channels_last=True,
                            compile_unet=compile_unet)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, compile={compile_unet}")
-    for size in resolutions:
-        for batch in batches:
-            fast.pipeline([PROMPT] * batch, height=size, width=size, num_inference_steps=2)  # warm-up / compile
+    if device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, compile={compile_unet}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in resolutions:
+            # the stage makes the pipeline's native size: set it to this resolution
+            fast.pipeline.unet.register_to_config(sample_size=size // fast.pipeline.vae_scale_factor)
+            plain.pipeline(PROMPT, height=size, width=size, num_inference_steps=2)  # warm-up
             synchronize()
             start = time.perf_counter()
-            for _ in range(batch):
-                plain.pipeline(PROMPT, height=size, width=size, num_inference_steps=steps)
+            for i in range(plain_images):
+                plain.pipeline(f"{PROMPT}, variation {i}", height=size, width=size, num_inference_steps=steps)
             synchronize()
-            plain_rate = batch / (time.perf_counter() - start)
-            start = time.perf_counter()
-            fast.pipeline([PROMPT] * batch, height=size, width=size, num_inference_steps=steps)
-            synchronize()
-            fast_rate = batch / (time.perf_counter() - start)
-            ratio = fast_rate / plain_rate
-            print(f"{size} px, {steps} steps, batch {batch}: plain loop {plain_rate:.3f} images/s | stage "
-                  f"{fast_rate:.3f} images/s | {ratio:.2f}x (target 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}) | "
-                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+            plain_rate = plain_images / (time.perf_counter() - start)
+            print(f"{size} px, {steps} steps: plain loop {plain_rate:.3f} images/s ({plain_images} images)", flush=True)
+            for batch in batches:
+                store, _ = bench_store(Path(tmp) / f"{size}-{batch}", batch)
+                fast.pipeline([PROMPT] * batch, num_inference_steps=2)  # warm-up / compile
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                report = generate_images(store, fast, ["bench"], images_per_prompt=1, steps=steps, batch_size=batch)
+                assert report.images == batch and report.batch_size == batch
+                ratio = report.images_per_second / plain_rate
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+                print(f"{size} px, {steps} steps, batch {batch}: plain loop {plain_rate:.3f} images/s | stage "
+                      f"{report.images_per_second:.3f} images/s | {ratio:.2f}x (target 1.5x: "
+                      f"{'met' if ratio >= 1.5 else 'NOT met'}) | stage peak memory {peak:.1f} GiB", flush=True)
+        if device != "cuda":
+            return
+        store, _ = bench_store(Path(tmp) / "auto", 16)
+        fast.pipeline.unet.register_to_config(sample_size=768 // fast.pipeline.vae_scale_factor)
+        report = generate_images(store, fast, ["bench"], images_per_prompt=1, steps=steps, batch_size=None)
+        print(f"768 px, --batch-size auto: batch {report.batch_size} chosen from free memory, "
+              f"{report.images_per_second:.3f} images/s over {report.images} images", flush=True)
 
 
 def main() -> None:

@@ -95,9 +95,14 @@ class FinetuneConfig:
     pretrain_images_per_prompt: int = 4
     # checkpoint evaluation: images per training prompt, fixed seeds
     eval_images_per_prompt: int = 4
+    # execution: "bf16" runs the UNet and VAE under bf16 autocast (LoRA weights and optimizer stay
+    # fp32); gradient checkpointing trades UNet recomputation for activation memory (same result)
+    mixed_precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("steps", "checkpoint_every", "gradient_checkpointing")}
 
 
 def paper_config(algo: str, reward: str, **overrides) -> FinetuneConfig:
@@ -136,6 +141,8 @@ def _check(c: FinetuneConfig) -> None:
                         f"(got {c.refl_start}, {c.refl_end}, {c.denoise_steps})")
     if c.eta <= 0 and c.algo == "ddpo":
         problems.append("DDPO needs eta > 0 (a stochastic sampler has step log-probabilities)")
+    if c.mixed_precision not in ("fp32", "bf16"):
+        problems.append(f"mixed_precision must be fp32 or bf16 (got {c.mixed_precision!r})")
     if c.kl_beta < 0 or c.learning_rate <= 0:
         problems.append("kl_beta must be >= 0 and learning_rate > 0")
     if problems:
@@ -298,8 +305,9 @@ class Diffusion:
     """The pieces of a Stable Diffusion pipeline that training uses: text embeddings (frozen
     encoder, cached), guided UNet outputs, decoding, seeded sampling and the denoising loss."""
 
-    def __init__(self, pipeline, denoise_steps: int, guidance: float):
+    def __init__(self, pipeline, denoise_steps: int, guidance: float, mixed_precision: str = "fp32"):
         self.pipe, self.unet, self.vae = pipeline, pipeline.unet, pipeline.vae
+        self.bf16 = mixed_precision == "bf16"
         self.scheduler = pipeline.scheduler
         self.scheduler.set_timesteps(denoise_steps)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
@@ -323,15 +331,23 @@ class Diffusion:
     def guided(self, latents: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """Classifier-free-guided UNet output."""
         if self.guidance == 1.0:
-            return self.unet(latents, t, encoder_hidden_states=cond).sample
-        both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        out_uncond, out_cond = both.chunk(2)
+            return self.predict(latents, t, cond)
+        out_uncond, out_cond = self.predict(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).chunk(2)
         return out_uncond + self.guidance * (out_cond - out_uncond)
+
+    def predict(self, latents: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's unguided output, in fp32 whatever the autocast precision."""
+        with self.autocast():
+            return self.unet(latents, t, encoder_hidden_states=cond).sample.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1] (differentiable)."""
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        with self.autocast():
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(s))
@@ -476,8 +492,10 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**config.key(), "generator": identity, "prompts": prompts},
                                                    indent=1))
-    diffusion = Diffusion(generator.pipeline, config.denoise_steps, config.guidance)
+    diffusion = Diffusion(generator.pipeline, config.denoise_steps, config.guidance, config.mixed_precision)
     params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
+    if config.gradient_checkpointing:
+        diffusion.unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     rng = torch.Generator("cpu").manual_seed(config.seed)
@@ -655,11 +673,11 @@ def _rwr_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, s
     latents = data["latents"][rows]
     cond, _ = diffusion.embed([data["texts"][i] for i in rows])
     noisy, t, target = diffusion.denoising_loss_inputs(latents, rng)
-    prediction = diffusion.unet(noisy, t, encoder_hidden_states=cond).sample
+    prediction = diffusion.predict(noisy, t, cond)
     loss = (data["weights"][rows].to(prediction) * _per_sample_mse(prediction, target)).mean()
     if config.kl_beta > 0:
         with torch.no_grad(), _BaseModel(diffusion.unet):
-            base = diffusion.unet(noisy, t, encoder_hidden_states=cond).sample
+            base = diffusion.predict(noisy, t, cond)
         loss = loss + config.kl_beta * _per_sample_mse(prediction, base).mean()
     loss.backward()
     return float(loss.detach())
@@ -707,7 +725,7 @@ def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
     rows = torch.randint(0, len(data["texts"]), (config.batch_size,), generator=rng)
     cond, _ = diffusion.embed([data["texts"][i] for i in rows])
     noisy, t, target = diffusion.denoising_loss_inputs(data["latents"][rows], rng)
-    pretrain = _per_sample_mse(diffusion.unet(noisy, t, encoder_hidden_states=cond).sample, target).mean()
+    pretrain = _per_sample_mse(diffusion.predict(noisy, t, cond), target).mean()
     chosen = torch.randint(0, len(prompts), (config.batch_size,), generator=rng).tolist()
     prompt_ids, texts = [prompts[i][0] for i in chosen], [prompts[i][1] for i in chosen]
     cond, uncond = diffusion.embed(texts)

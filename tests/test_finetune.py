@@ -13,6 +13,7 @@ import torch
 from tasks.finetune import (OnlineReward, checkpoint_win_counts, choose_kl_coefficient, ddim_step_with_logprob,
                             finetune, paper_config, record_finetune, select_checkpoint, training_prompts)
 from tia2.cli import main
+from tia2.errors import UserError
 from tia2.models.diffusion import apply_lora, create_pipeline
 from tia2.store import Store, stable_id
 
@@ -58,8 +59,6 @@ def test_kl_coefficient_with_most_wins_larger_on_ties():
 
 
 def test_paper_defaults_and_the_refl_window_for_other_step_counts():
-    from tia2.errors import UserError
-
     rwr, ddpo, refl = (paper_config(a, "textnorm( tiny-clip,tau=0.05 )") for a in ("rwr", "ddpo", "refl"))
     assert (rwr.learning_rate, rwr.batch_size, rwr.guidance, rwr.images_per_prompt, rwr.keep) == (1e-5, 32, 7.5, 100, 10)
     assert (ddpo.learning_rate, ddpo.batch_size, ddpo.guidance, ddpo.samples_per_iteration) == (3e-4, 64, 5.0, 256)
@@ -177,6 +176,25 @@ def test_ddpo_and_rwr_train_the_adapter(tmp_path, algo):
     assert all(np.isfinite(c.loss) for c in result.checkpoints)
     rows = store.connect().execute("SELECT algo, step, wins, n_eval FROM finetune_checkpoints ORDER BY step").fetchall()
     assert rows == [(algo, 1, result.checkpoints[0].wins, 8), (algo, 2, result.checkpoints[1].wins, 8)]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_and_bf16_trains(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = dict(steps=2, checkpoint_every=2, learning_rate=1e-2, refl_lambda=100.0)
+    plain = train(make_store(tmp_path / "plain"), "refl", **settings)
+    checkpointed = train(make_store(tmp_path / "checkpointed"), "refl", gradient_checkpointing=True, **settings)
+    assert checkpointed.run == plain.run  # an execution detail, not part of the run's identity
+    a, b = load_file(plain.checkpoints[-1].path), load_file(checkpointed.checkpoints[-1].path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    mixed = train(make_store(tmp_path / "bf16"), "refl", mixed_precision="bf16", **settings)
+    assert mixed.run != plain.run and np.isfinite(mixed.checkpoints[-1].loss)
+    weights = load_file(mixed.checkpoints[-1].path)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(weights[k], a[k]) for k in a)  # bf16 arithmetic: not the fp32 result
+    with pytest.raises(UserError, match="mixed_precision"):
+        paper_config("refl", "tiny-clip", mixed_precision="fp8")
 
 
 # --- checkpoints, resume, adapters ---------------------------------------------------------------

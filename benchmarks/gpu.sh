@@ -1,0 +1,14 @@
+#!/bin/bash
+# The GPU benchmarks in one call on a lent machine (see benchmarks/RESULTS.md). Packages its image
+# lacks travel as wheels in .whl/ (see README "GPU benchmarks"); logs go to $OUT (or ./gpu-logs).
+set -o pipefail
+OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+timeout "${GENERATION_SECONDS:-300}" python3 benchmarks/generation_bench.py --gpu 2>&1 | tee "$OUT/generation.log"
+timeout "${FINETUNE_SECONDS:-220}" python3 benchmarks/finetune_bench.py --device cuda --steps 2 2>&1 \
+  | grep --line-buffered -v "fine-tuning (" | tee "$OUT/finetune.log"
