@@ -87,3 +87,18 @@ def test_a_store_whose_tables_were_deleted_starts_a_new_life(tmp_path):
     for table in tmp_path.glob("*.parquet"):
         table.unlink()
     assert Store(tmp_path).store_id != first
+
+
+def test_the_root_may_be_a_file_url_and_other_file_systems_are_refused_in_one_line(tmp_path, capsys):
+    from tia2.cli import main
+
+    by_url = Store(f"file://{tmp_path}/shared/../store")
+    by_url.upsert("prompts", pa.Table.from_pylist([dict(prompt_id="p", text="t", set="s", category=None,
+                                                         subcategory=None, source="x")]))
+    assert by_url.root == tmp_path / "store"
+    assert Store(tmp_path / "store").read("prompts").column("text").to_pylist() == ["t"]
+    assert main(["sql", "SELECT count(*) AS n FROM prompts", "--csv", "--store", f"file://{tmp_path}/store"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "1"]
+    assert main(["sql", "SELECT 1", "--store", "s3://bucket/tia2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mount s3:// storage as a file system" in err

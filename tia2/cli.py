@@ -15,7 +15,7 @@ from tia2.store import default_store_root
 
 EPILOG = """\
 environment:
-  TIA2_STORE           store root (default ./storage); --store overrides it
+  TIA2_STORE           store root: a folder or a file:// URL (default ./storage); --store overrides it
   TIA2_SOURCE          folder or URL of the TIA2 release, for ingest-tia2 and benchmark
   MLFLOW_TRACKING_URI  MLflow tracking store (default sqlite:///<cwd>/mlruns/mlflow.db)
   HF_HUB_OFFLINE=1     load model weights only from the local cache (no network)

@@ -230,7 +230,7 @@ class Store:
     CATALOG = "tia2.duckdb"
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
-        self.root = Path(root).expanduser().resolve()
+        self.root = store_path(root)
         if not create and not (self.root / ".store_id").exists():
             raise UserError(f"no store at {self.root}: create one with `tia2 ingest-tia2`, "
                             f"or point --store / TIA2_STORE at an existing one")
@@ -493,6 +493,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def store_path(root: str | os.PathLike) -> Path:
+    """The store's folder from a path or an fsspec URL. The store writes by atomic rename under
+    POSIX file locks, so the URL must name a POSIX file system: `file://` (a local disk, or a
+    network file system such as NFS mounted on every machine that shares the store); an object
+    store (s3://, gs://, ...) is used by mounting it as a file system first."""
+    text = os.fspath(root)
+    if "://" not in text:
+        return Path(text).expanduser().resolve()
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    protocol, _ = fsspec.core.split_protocol(text)
+    if protocol not in LocalFileSystem.protocol:
+        raise UserError(f"store {text}: the store needs a POSIX file system (atomic renames, file locks); "
+                        f"mount {protocol}:// storage as a file system and give its path or a file:// URL")
+    return Path(LocalFileSystem._strip_protocol(text)).resolve()
 
 
 def default_store_root() -> str:
