@@ -9,12 +9,14 @@ export TIA2_SOURCE
 # Steadier timings on a small shared CPU (see ../shared/NOTES.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench
+.PHONY: setup demo test bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
+
+setup: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(VENV)/bin/tia2 benchmark --config tiny
