@@ -1,6 +1,7 @@
 #!/bin/bash
-# The GPU benchmarks in one call on a lent machine (see benchmarks/RESULTS.md). Packages its image
-# lacks travel as wheels in .whl/ (see README "GPU benchmarks"); logs go to $OUT (or ./gpu-logs).
+# The GPU benchmarks (generation, fine-tuning) in one call, e.g. on a machine lent for an hour
+# (results: benchmarks/RESULTS.md). Wheels in .whl/ (packages the machine lacks, e.g. diffusers,
+# duckdb, open_clip_torch) are installed to /tmp/site first; logs go to $OUT (or ./gpu-logs).
 set -o pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
