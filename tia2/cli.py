@@ -275,6 +275,10 @@ def cmd_benchmark(args) -> int:
         print("\nhow often each reward model scores an image's caption above all its contrast prompts:")
         print(summary["caption_ranking"] + "\n")
     print(summary["table2"] or "no reward specs configured: no metrics against human labels")
+    for tuned in summary.get("finetune") or []:
+        print(f"fine-tuned ({tuned['algo']}, run {tuned['run']}) to step {tuned['final_step']}: mean reward "
+              f"{tuned['final_mean_reward']:.4f} against the base model's {tuned['base_mean_reward']:.4f} (beats it "
+              f"{tuned['final_wins']}); selected step {tuned['selected_step']}")
     print(f"report: {summary['report']}")
     print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
           f"{_tracking_uri()})")
