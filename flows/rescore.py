@@ -13,7 +13,7 @@ from tasks.ingest import SETS
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import deployment, flow_run
-from tia2.config import load_config
+from tia2.config import merged_config
 from tia2.specs import parse_spec
 from tia2.store import Store, default_store_root
 from tia2.tracking import stage_run
@@ -29,7 +29,7 @@ def score_counts(store: Store) -> dict[str, int]:
 def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
     """Score what is missing for the config's reward models and refresh its reward specs' metrics."""
     logger = get_run_logger()
-    settings = load_config(config) | (overrides or {})
+    settings = merged_config(config, overrides)
     rewards = [str(parse_spec(r)) for r in settings.get("rewards", [])]
     store = Store(settings.get("store") or default_store_root(), create=False)
     root = str(store.root)

@@ -15,15 +15,14 @@ import hashlib
 import os
 from pathlib import Path
 
-from tia2.config import set_prefect_defaults
-
-set_prefect_defaults()  # before prefect is imported: its settings are read at import
+from flows.common import CACHED  # first: sets Prefect's defaults before prefect is imported
 
 import mlflow  # noqa: E402
 from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
+
+from flows.finetune import finetune_section, run_finetune  # noqa: E402
 
 from tasks.contrast import record_contrast  # noqa: E402
 from tasks.generate import record_generate  # noqa: E402
@@ -32,15 +31,12 @@ from tasks.prompts import read_pool, record_select_from_pool  # noqa: E402
 from tasks.report import record_report, stage_rows  # noqa: E402
 from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
-from tia2.config import CONFIG_KEYS, load_config  # noqa: E402
-from tia2.errors import UserError  # noqa: E402
+from tia2.config import merged_config  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import Store, default_store_root  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
 
 POOL_SET = "selected"  # the set of prompts picked from the pool
-# The MLflow parent run differs every run and must not enter the cache key.
-CACHED = (INPUTS - "parent_run_id") + TASK_SOURCE
 
 
 def source_fingerprint(source: str) -> str:
@@ -150,10 +146,7 @@ def _folder_key(folder: str) -> str:
 def resolve_config(config: str = "tiny", overrides: dict | None = None) -> dict:
     """A profile (tiny, paper) or YAML file with `overrides` on top, defaults filled in and checked:
     a user mistake is one UserError line before any work starts, not a failed task."""
-    settings = load_config(config) | (overrides or {})
-    unknown = sorted(set(settings) - set(CONFIG_KEYS))
-    if unknown:
-        raise UserError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+    settings = merged_config(config, overrides)
     settings["store"] = settings.get("store") or default_store_root()
     settings["tia2_source"] = settings.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
     check_source(settings["tia2_source"], tuple(settings.get("sets", SETS)))
@@ -161,6 +154,8 @@ def resolve_config(config: str = "tiny", overrides: dict | None = None) -> dict:
         parse_spec(spec)
     if settings.get("prompt_pool"):
         read_pool(settings["prompt_pool"])
+    if settings.get("finetune"):
+        settings["finetune"] = finetune_section(settings)
     return settings
 
 
@@ -181,7 +176,8 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                    image_folders: dict[str, str] = {},  # noqa: B006
                    reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
                    device: str = "cpu", batch_size: int = 32, score_shards: int = 1,
-                   score_files: list[str] = [], rewards: list[str] = []) -> dict:  # noqa: B006
+                   score_files: list[str] = [], rewards: list[str] = [],  # noqa: B006
+                   finetune: dict | None = None) -> dict:
     """The DAG itself, inside the tia2-benchmark flow run (its tasks need the flow's context)."""
     logger = get_run_logger()
     specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
@@ -243,6 +239,9 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                          f"```\n{summary['table2']}\n```\n\nMLflow run: `{parent_id}`",
                 description="per-set means of the evaluated reward specs",
             )
+        if finetune:
+            summary["finetune"] = run_finetune(data, finetune, device, parent_id)
+            logger.info("finetune: %s", summary["finetune"])
         summary["report"] = record_report(data, summary, ranking)
         create_markdown_artifact(
             key="tia2-report",

@@ -47,6 +47,9 @@ def stage_rows(summary: dict) -> pd.DataFrame:
                                  f"{g['images_per_second']} images/s)"))
     rows += [("score", f"{s['reward_model']}: {s['images']} images, {s['rows_added']} new rows")
              for s in summary.get("scores", [])]
+    rows += [("finetune", f"{f['algo']} run {f['run']}: step {f['final_step']} mean reward {f['final_mean_reward']:.4f} "
+                          f"(base {f['base_mean_reward']:.4f}, beats it {f['final_wins']}), selected step "
+                          f"{f['selected_step']}") for f in summary.get("finetune") or []]
     return pd.DataFrame(rows, columns=["stage", "result"])
 
 

@@ -86,7 +86,7 @@ def test_benchmark_deployment_runs_on_a_worker_then_rescore_scores_only_a_new_mo
 
     store = server["root"] / "store"
     tiny = {"store": str(store), "sets": ["counting"], "max_prompts": 1, "generate_shards": 1,
-            "reward_models": ["tiny-clip"], "pool_prompts": 2}
+            "reward_models": ["tiny-clip"], "pool_prompts": 2, "finetune": None}
     run = _run_deployment(server, "tia2-benchmark/tia2-benchmark", {"config": "tiny", "overrides": tiny})
 
     data = Store(store)
@@ -116,3 +116,28 @@ def test_benchmark_deployment_runs_on_a_worker_then_rescore_scores_only_a_new_mo
                            timeout=10).json()
     table = json.loads(artifacts[0]["data"])
     assert {row["reward_model"]: row["rows_added"] for row in table} == {"tiny-clip": 0, "tiny-aesthetic": clip_rows[0][0]}
+
+
+def test_finetune_deployment_trains_checkpoints_and_logs_them(server, tmp_path):
+    import mlflow
+
+    from tasks.ingest import ingest_tia2
+
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, server["env"]["TIA2_SOURCE"], ("counting",))
+    section = {"algos": ["refl"], "reward": "tiny-clip", "sets": ["counting"], "max_prompts": 1,
+               "settings": {"steps": 2, "checkpoint_every": 1, "denoise_steps": 2, "guidance": 1.0, "batch_size": 2,
+                            "refl_start": 0, "refl_end": 1, "eval_images_per_prompt": 1,
+                            "pretrain_images_per_prompt": 1}}
+    run = _run_deployment(server, "tia2-finetune/tia2-finetune",
+                          {"config": "tiny", "overrides": {"store": str(store.root), "finetune": section}})
+    rows = store.connect().execute("SELECT algo, step, path FROM finetune_checkpoints ORDER BY step").fetchall()
+    assert [(algo, step) for algo, step, _ in rows] == [("refl", 1), ("refl", 2)]
+    assert all(Path(path).is_file() for _, _, path in rows)
+    mlflow.set_tracking_uri(server["env"]["MLFLOW_TRACKING_URI"])
+    [parent] = [r for r in mlflow.search_runs(experiment_names=["tia2"], output_format="list")
+                if r.info.run_name == "tia2-finetune" and r.data.tags.get("prefect.flow_run_id") == run["id"]]
+    assert parent.data.tags["prefect.deployment"] == "tia2-finetune"
+    [stage] = mlflow.search_runs(experiment_names=["tia2"], output_format="list",
+                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert stage.data.tags["tia2.algo"] == "refl" and stage.data.tags["tia2.reward"] == "tiny-clip"

@@ -123,3 +123,7 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     assert "Caption ranking" in page and "tiny-imagereward" in page and "data:image/png;base64," in page
     assert "sample-prompts" in page and f"report: {parent.info.artifact_uri}/report.html" in out.stdout
     assert "caption_top1" in out.stdout
+    # the short fine-tune of the profile: ReFL on 4 counting prompts (the release has 2), 2 checkpoints
+    [(steps, base)] = main_sql(store.root, "SELECT list(step ORDER BY step), min(base_mean_reward) "
+                                          "FROM finetune_checkpoints WHERE algo = 'refl'")
+    assert steps == [5, 10] and "fine-tuned (refl, run " in out.stdout and f"{base:.4f}" in out.stdout

@@ -36,6 +36,8 @@ CONFIG_KEYS = {
     "score_shards": "score each model as this many Prefect tasks over shards of the images (default 1)",
     "score_files": "score files (Parquet/CSV) to import before the metrics",
     "rewards": "reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)",
+    "finetune": "fine-tuning and its evaluation, a mapping (flows/finetune.py): algos, reward, sets, "
+                "max_prompts, model, weights, reward_weights, settings, evaluate",
 }
 
 
@@ -64,6 +66,15 @@ def load_config(profile_or_path: str) -> dict:
         # a profile's relative paths are relative to the project, wherever it is run from
         config["prompt_pool"] = str((PROJECT_ROOT / config["prompt_pool"]).resolve())
     return config
+
+
+def merged_config(profile_or_path: str, overrides: dict | None = None) -> dict:
+    """A profile or YAML file with `overrides` on top; unknown keys are an error."""
+    settings = load_config(profile_or_path) | (overrides or {})
+    unknown = sorted(set(settings) - set(CONFIG_KEYS))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+    return settings
 
 
 def set_prefect_defaults() -> None:

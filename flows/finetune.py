@@ -1,0 +1,101 @@
+"""The `tia2-finetune` flow: LoRA fine-tuning of a generator against a reward spec (RWR, DDPO,
+ReFL; `tasks/finetune.py`), then the evaluation of every checkpoint against the base model on
+held-out prompts (`tasks/evaluate_finetune.py`). The benchmark flow runs the same two stages when
+its config has a `finetune` section, so the embedded default ends with a short fine-tune.
+
+The config's `finetune` section (see README, Configuration):
+
+    finetune:
+      algos: [refl]                 # any of rwr, ddpo, refl
+      reward: tiny-clip             # the spec to maximise
+      sets: [selected]              # training prompts (default: all)
+      max_prompts: 4
+      model: tiny-sd                # default: the config's generator
+      weights: random               # the generator's weights (default pretrained)
+      reward_weights: random        # the reward models' weights (default: the config's weights)
+      settings: {steps: 10, ...}    # any FinetuneConfig field (tasks/finetune.py), on top of the paper's
+      evaluate: {sets: [counting], max_prompts: 4, images_per_prompt: 2, gold: tiny-pickscore}
+"""
+
+from __future__ import annotations
+
+from flows.common import CACHED  # first: sets Prefect's defaults before prefect is imported
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
+
+from tasks.finetune import paper_config, record_finetune  # noqa: E402
+from tia2.config import merged_config  # noqa: E402
+from tia2.errors import UserError  # noqa: E402
+from tia2.store import Store, default_store_root  # noqa: E402
+from tia2.tracking import stage_run  # noqa: E402
+
+SECTION_KEYS = {"algos", "reward", "sets", "max_prompts", "model", "weights", "reward_weights", "settings",
+                "evaluate"}
+
+
+def finetune_section(settings: dict) -> dict:
+    """The config's `finetune` section with defaults filled in and every algorithm's settings
+    checked (one UserError line for a mistake, before any work)."""
+    section = dict(settings.get("finetune") or {})
+    unknown = sorted(set(section) - SECTION_KEYS)
+    if unknown:
+        raise UserError(f"finetune: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(SECTION_KEYS))})")
+    if not section.get("reward"):
+        raise UserError("finetune: needs `reward`, the reward spec to maximise")
+    section.setdefault("algos", ["refl"])
+    section.setdefault("model", settings.get("generator"))
+    if not section["model"]:
+        raise UserError("finetune: needs `model` (or the config's `generator`)")
+    section.setdefault("weights", "pretrained")
+    section.setdefault("reward_weights", settings.get("weights", "pretrained"))
+    section.setdefault("settings", {})
+    section.setdefault("evaluate", {})
+    for algo in section["algos"]:
+        try:
+            paper_config(algo, section["reward"], **section["settings"])
+        except ValueError as exc:
+            raise UserError(f"finetune.settings: {exc}") from exc
+    return section
+
+
+@task(name="finetune", cache_policy=CACHED, persist_result=True, tags=["gpu"])
+def finetune_task(store_root: str, algo: str, section: dict, device: str, prompts_key: str,
+                  parent_run_id: str) -> dict:
+    """Train (or continue) one algorithm's adapter; its checkpoints are in the store."""
+    store = Store(store_root)
+    config = paper_config(algo, section["reward"], **section["settings"])
+    result = record_finetune(store, section["model"], config, section.get("sets"), section.get("max_prompts"),
+                             section["weights"], section["reward_weights"], device, parent_run_id)
+    # the last checkpoint, also when an earlier run already trained to the target
+    step, mean_reward, wins, n_eval = store.connect().execute(
+        "SELECT step, mean_reward, wins, n_eval FROM finetune_checkpoints WHERE run = ? ORDER BY step DESC LIMIT 1",
+        [result.run]).fetchone()
+    return {"algo": algo, "run": result.run, "folder": str(result.folder), "final_step": step,
+            "selected_step": result.selected_step, "base_mean_reward": result.base_mean_reward,
+            "final_mean_reward": mean_reward, "final_wins": f"{wins}/{n_eval}"}
+
+
+def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -> list[dict]:
+    """Every configured algorithm, one after the other (they share the GPU)."""
+    prompts_key = store.fingerprint("prompts", "contrast_prompts")
+    return [finetune_task(str(store.root), algo, section, device, prompts_key, parent_run_id)
+            for algo in section["algos"]]
+
+
+@flow(name="tia2-finetune")
+def tia2_finetune(config: str = "tiny", overrides: dict | None = None) -> dict:
+    """Fine-tune and evaluate with the `finetune` section of a profile (`tiny`, `paper`) or YAML
+    file, with `overrides` of any config key on top. The store must hold the prompts (run
+    tia2-benchmark, or `tia2 ingest-tia2` / `tia2 sample-prompts`, first)."""
+    logger = get_run_logger()
+    settings = merged_config(config, overrides)
+    section = finetune_section(settings)
+    store = Store(settings.get("store") or default_store_root(), create=False)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
+    with stage_run("tia2-finetune", {"config": config, "algos": section["algos"], "reward": section["reward"]},
+                   tags=tags) as parent:
+        trained = run_finetune(store, section, settings.get("device", "cpu"), parent.info.run_id)
+        for report in trained:
+            logger.info("finetune: %s", report)
+    return {"finetune": trained, "mlflow_run_id": parent.info.run_id}
