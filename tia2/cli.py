@@ -245,6 +245,24 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from tasks.evaluate_finetune import record_evaluate_finetune, wins_table
+
+    result = record_evaluate_finetune(
+        _store(args, create=False), args.model, args.gold, args.run, args.adapter or (), args.set, args.max_prompts,
+        args.images_per_prompt, args.steps, args.guidance, args.seed, args.proxy, args.reward or (), args.tol,
+        args.weights, args.reward_weights, args.device, args.batch_size)
+    print(f"{len(result.adapters)} adapter(s) against {result.generator} on {len(result.prompts)} held-out prompts x "
+          f"{args.images_per_prompt} images ({result.images_made} images made, {result.rows_scored} score rows added)")
+    print("wins/ties/losses of the matched pairs (same prompt and seed) against the base model:")
+    print(wins_table(result).to_string())
+    print(f"\nproxy {result.proxy}, gold {result.gold}: means over fine-tuning steps (step 0: the base model)")
+    print(result.steps_curve.drop(columns=["run"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("best-of-n of the base model's images by the proxy")
+    print(result.best_of_n_curve.drop(columns=["kl"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from flows.tia2_benchmark import resolve_config, tia2_benchmark
 
@@ -522,6 +540,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="pretrained", metavar="PATH", help="generator weights (released or a folder)")
     p.add_argument("--random-init", action="store_true", help="the generator's architecture with random weights")
+
+    p = add("evaluate", cmd_evaluate, "evaluate fine-tuned adapters against their base model on held-out prompts", """\
+        Evaluate a fine-tuning run's checkpoints (--run, a key of finetune_checkpoints) or adapter
+        files/folders (--adapter) against the base model (--model, --weights) on held-out prompts:
+        the prompts of --set (first --max-prompts of each) that the adapters were not trained on.
+        The base and every adapter make --images-per-prompt images per prompt from the same seeds,
+        so image i of an adapter and image i of the base are a matched pair; every image is scored
+        by the proxy (default: the reward the adapters were trained on), the reward models it
+        combines, the gold (--gold: a reward spec, or `human` for images with human labels) and any
+        --reward. Images and scores are cached in the store: a re-run makes only what is missing.
+        Per reward spec and adapter, the pairs won (adapter above base + --tol), tied and lost go to
+        the finetune_evaluation table. Over-optimisation (Gao et al. 2023): the proxy's and the
+        gold's means over training steps, and over best-of-n of the base model's images against
+        sqrt(KL), KL = log n - (n - 1)/n. MLflow gets the tables, the plots and image grids (a row
+        per prompt, a column per model). TextNorm specs need contrast prompts (tia2 contrast).""")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="RUN", help="a fine-tuning run: all its checkpoints, by step")
+    which.add_argument("--adapter", action="append", metavar="PATH",
+                       help="a LoRA adapter (pytorch_lora_weights.safetensors or its folder; repeatable)")
+    p.add_argument("--model", required=True, metavar="ID", help="the base generator (tiny-sd, sd-2-1, sd-2-1-base)")
+    p.add_argument("--weights", default="pretrained", metavar="random|pretrained|FOLDER",
+                   help="the base generator's weights (default pretrained)")
+    p.add_argument("--gold", required=True, metavar="SPEC|human", help="the gold reward of the over-optimisation curves")
+    p.add_argument("--proxy", metavar="SPEC", help="the optimised reward (default: the adapters' training reward)")
+    p.add_argument("--reward", action="append", metavar="SPEC", help="another reward spec to compare with (repeatable)")
+    p.add_argument("--set", action="append", metavar="NAME", help="held-out prompts of this set (repeatable; default all)")
+    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N held-out prompts of each set")
+    p.add_argument("--images-per-prompt", type=int, default=4, metavar="N",
+                   help="images per prompt and model; best-of-n goes up to N (default 4)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the images (default 0)")
+    p.add_argument("--tol", type=float, default=1e-6,
+                   help="a pair whose values differ by at most this is a tie (default 1e-6)")
+    p.add_argument("--reward-weights", default="pretrained", metavar="random|pretrained|PATH",
+                   help="the reward models' weights (default pretrained)")
+    p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="images per generation batch (default auto, as for generate)")
+    p.add_argument("--device", default="cpu")
 
     from tia2.config import CONFIG_KEYS
 

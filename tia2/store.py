@@ -210,6 +210,36 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("run", "step"),
     ),
+    # Adapters against their base model on held-out prompts (tasks/evaluate_finetune.py). An
+    # evaluation is one setting: base model, held-out prompts, images per prompt, denoising steps,
+    # guidance, seed and tie tolerance (hashed into `evaluation`). Per adapter and reward spec: of
+    # the matched pairs (same prompt and seed) how many the adapter's image wins, ties and loses.
+    "finetune_evaluation": TableSpec(
+        _schema(
+            ("evaluation", pa.string(), False),
+            ("adapter", pa.string(), False),  # the adapter file
+            ("reward", pa.string(), False),
+            ("generator", pa.string(), False),
+            ("lora", pa.string(), False),
+            ("run", pa.string(), True),  # the fine-tuning run, when the adapter is one of its checkpoints
+            ("step", pa.int32(), True),
+            ("prompts", pa.int32(), False),
+            ("images_per_prompt", pa.int32(), False),
+            ("denoise_steps", pa.int32(), False),
+            ("guidance", pa.float64(), False),
+            ("seed", pa.int64(), False),
+            ("tol", pa.float64(), False),
+            ("wins", pa.int32(), False),
+            ("ties", pa.int32(), False),
+            ("losses", pa.int32(), False),
+            ("n", pa.int32(), False),
+            ("mean_reward", pa.float64(), False),
+            ("base_mean_reward", pa.float64(), False),
+            ("run_id", pa.string(), True),
+            ("evaluated_at", TIMESTAMP, False),
+        ),
+        key=("evaluation", "adapter", "reward"),
+    ),
 }
 
 
