@@ -14,7 +14,8 @@ The config's `finetune` section (see README, Configuration):
       weights: random               # the generator's weights (default pretrained)
       reward_weights: random        # the reward models' weights (default: the config's weights)
       settings: {steps: 10, ...}    # any FinetuneConfig field (tasks/finetune.py), on top of the paper's
-      evaluate: {sets: [counting], max_prompts: 4, images_per_prompt: 2, gold: tiny-pickscore}
+      evaluate: {gold: tiny-pickscore, sets: [composition], max_prompts: 4, images_per_prompt: 2,
+                 steps: 10, guidance: 7.5, rewards: [...]}   # held-out prompts of these sets
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flows.common import CACHED  # first: sets Prefect's defaults before prefect
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
+from tasks.evaluate_finetune import record_evaluate_finetune, wins_table  # noqa: E402
 from tasks.finetune import paper_config, record_finetune  # noqa: E402
 from tia2.config import merged_config  # noqa: E402
 from tia2.errors import UserError  # noqa: E402
@@ -32,6 +34,7 @@ from tia2.tracking import stage_run  # noqa: E402
 
 SECTION_KEYS = {"algos", "reward", "sets", "max_prompts", "model", "weights", "reward_weights", "settings",
                 "evaluate"}
+EVALUATE_KEYS = {"gold", "sets", "max_prompts", "images_per_prompt", "steps", "guidance", "rewards"}
 
 
 def finetune_section(settings: dict) -> dict:
@@ -50,7 +53,13 @@ def finetune_section(settings: dict) -> dict:
     section.setdefault("weights", "pretrained")
     section.setdefault("reward_weights", settings.get("weights", "pretrained"))
     section.setdefault("settings", {})
-    section.setdefault("evaluate", {})
+    evaluate = section.setdefault("evaluate", {})
+    unknown = sorted(set(evaluate) - EVALUATE_KEYS)
+    if unknown:
+        raise UserError(f"finetune.evaluate: unknown setting(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(EVALUATE_KEYS))})")
+    if evaluate and not evaluate.get("gold"):
+        raise UserError("finetune.evaluate: needs `gold`, the held-out reward (a spec, or human)")
     for algo in section["algos"]:
         try:
             paper_config(algo, section["reward"], **section["settings"])
@@ -76,11 +85,36 @@ def finetune_task(store_root: str, algo: str, section: dict, device: str, prompt
             "final_mean_reward": mean_reward, "final_wins": f"{wins}/{n_eval}"}
 
 
+@task(name="evaluate", cache_policy=CACHED, persist_result=True, tags=["gpu"])
+def evaluate_task(store_root: str, run: str, section: dict, device: str, store_key: str,
+                  parent_run_id: str) -> dict:
+    """A fine-tuning run's checkpoints against the base model on held-out prompts."""
+    evaluate = section["evaluate"]
+    result = record_evaluate_finetune(
+        Store(store_root), section["model"], evaluate["gold"], run=run, sets=evaluate.get("sets"),
+        max_prompts=evaluate.get("max_prompts"), images_per_prompt=evaluate.get("images_per_prompt", 4),
+        denoise_steps=evaluate.get("steps", 50), guidance=evaluate.get("guidance", 7.5),
+        rewards=evaluate.get("rewards", ()), weights=section["weights"], reward_weights=section["reward_weights"],
+        device=device, parent_run_id=parent_run_id)
+    return {"run": run, "proxy": result.proxy, "gold": result.gold, "heldout_prompts": len(result.prompts),
+            "win_tie_loss": wins_table(result).to_string(),
+            "steps_curve": result.steps_curve.to_string(index=False),
+            "best_of_n_curve": result.best_of_n_curve.to_string(index=False)}
+
+
 def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -> list[dict]:
-    """Every configured algorithm, one after the other (they share the GPU)."""
+    """Every configured algorithm, one after the other (they share the GPU), each followed by the
+    evaluation of its checkpoints when the section has one."""
     prompts_key = store.fingerprint("prompts", "contrast_prompts")
-    return [finetune_task(str(store.root), algo, section, device, prompts_key, parent_run_id)
-            for algo in section["algos"]]
+    reports = []
+    for algo in section["algos"]:
+        report = finetune_task(str(store.root), algo, section, device, prompts_key, parent_run_id)
+        if section["evaluate"]:
+            store_key = store.fingerprint("prompts", "contrast_prompts", "finetune_checkpoints")
+            report["evaluation"] = evaluate_task(str(store.root), report["run"], section, device, store_key,
+                                                 parent_run_id)
+        reports.append(report)
+    return reports
 
 
 @flow(name="tia2-finetune")

@@ -50,6 +50,9 @@ def stage_rows(summary: dict) -> pd.DataFrame:
     rows += [("finetune", f"{f['algo']} run {f['run']}: step {f['final_step']} mean reward {f['final_mean_reward']:.4f} "
                           f"(base {f['base_mean_reward']:.4f}, beats it {f['final_wins']}), selected step "
                           f"{f['selected_step']}") for f in summary.get("finetune") or []]
+    rows += [("evaluate", f"run {f['run']} on {f['evaluation']['heldout_prompts']} held-out prompts, gold "
+                          f"{f['evaluation']['gold']}: wins/ties/losses {f['evaluation']['win_tie_loss']}")
+             for f in summary.get("finetune") or [] if f.get("evaluation")]
     return pd.DataFrame(rows, columns=["stage", "result"])
 
 

@@ -124,11 +124,13 @@ def test_finetune_deployment_trains_checkpoints_and_logs_them(server, tmp_path):
     from tasks.ingest import ingest_tia2
 
     store = Store(tmp_path / "store")
-    ingest_tia2(store, server["env"]["TIA2_SOURCE"], ("counting",))
+    ingest_tia2(store, server["env"]["TIA2_SOURCE"], ("counting", "composition"))
     section = {"algos": ["refl"], "reward": "tiny-clip", "sets": ["counting"], "max_prompts": 1,
                "settings": {"steps": 2, "checkpoint_every": 1, "denoise_steps": 2, "guidance": 1.0, "batch_size": 2,
                             "refl_start": 0, "refl_end": 1, "eval_images_per_prompt": 1,
-                            "pretrain_images_per_prompt": 1}}
+                            "pretrain_images_per_prompt": 1},
+               "evaluate": {"gold": "tiny-aesthetic", "sets": ["composition"], "max_prompts": 1,
+                            "images_per_prompt": 1, "steps": 2}}
     run = _run_deployment(server, "tia2-finetune/tia2-finetune",
                           {"config": "tiny", "overrides": {"store": str(store.root), "finetune": section}})
     rows = store.connect().execute("SELECT algo, step, path FROM finetune_checkpoints ORDER BY step").fetchall()
@@ -139,5 +141,13 @@ def test_finetune_deployment_trains_checkpoints_and_logs_them(server, tmp_path):
                 if r.info.run_name == "tia2-finetune" and r.data.tags.get("prefect.flow_run_id") == run["id"]]
     assert parent.data.tags["prefect.deployment"] == "tia2-finetune"
     [stage] = mlflow.search_runs(experiment_names=["tia2"], output_format="list",
-                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                               f"and tags.`tia2.stage` = 'finetune'")
     assert stage.data.tags["tia2.algo"] == "refl" and stage.data.tags["tia2.reward"] == "tiny-clip"
+    # the evaluation: both checkpoints against the base on one held-out prompt, and its artifacts
+    rows = store.connect().execute("SELECT step, reward, wins + ties + losses FROM finetune_evaluation").fetchall()
+    assert sorted(rows) == [(1, "tiny-aesthetic", 1), (1, "tiny-clip", 1), (2, "tiny-aesthetic", 1), (2, "tiny-clip", 1)]
+    artifacts = httpx.post(f"{server['api']}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": ["tia2-finetune-evaluation", "tia2-finetune-overoptimization"]}}}).json()
+    assert {a["key"] for a in artifacts if a["flow_run_id"] == run["id"]} == {
+        "tia2-finetune-evaluation", "tia2-finetune-overoptimization"}

@@ -127,3 +127,9 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     [(steps, base)] = main_sql(store.root, "SELECT list(step ORDER BY step), min(base_mean_reward) "
                                           "FROM finetune_checkpoints WHERE algo = 'refl'")
     assert steps == [5, 10] and "fine-tuned (refl, run " in out.stdout and f"{base:.4f}" in out.stdout
+    # and its evaluation: both checkpoints against the base on the 2 composition captions (held out),
+    # 2 images each, for the proxy, its model and the gold
+    rows = main_sql(store.root, "SELECT step, reward, wins + ties + losses FROM finetune_evaluation ORDER BY ALL")
+    assert {(step, n) for step, _, n in rows} == {(5, 4), (10, 4)}
+    assert {reward for _, reward, _ in rows} == {"textnorm(tiny-clip, tau=0.05)", "tiny-clip", "tiny-pickscore"}
+    assert "held-out prompts, wins/ties/losses against the base model" in out.stdout

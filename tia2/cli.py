@@ -297,6 +297,11 @@ def cmd_benchmark(args) -> int:
         print(f"fine-tuned ({tuned['algo']}, run {tuned['run']}) to step {tuned['final_step']}: mean reward "
               f"{tuned['final_mean_reward']:.4f} against the base model's {tuned['base_mean_reward']:.4f} (beats it "
               f"{tuned['final_wins']}); selected step {tuned['selected_step']}")
+        if tuned.get("evaluation"):
+            evaluation = tuned["evaluation"]
+            print(f"  on {evaluation['heldout_prompts']} held-out prompts, wins/ties/losses against the base "
+                  f"model:\n{evaluation['win_tie_loss']}\n  proxy {evaluation['proxy']} and gold "
+                  f"{evaluation['gold']} over the steps:\n{evaluation['steps_curve']}")
     print(f"report: {summary['report']}")
     print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
           f"{_tracking_uri()})")
