@@ -22,7 +22,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(VENV)/bin/tia2 benchmark --config tiny
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/metrics_bench.py

@@ -95,3 +95,15 @@ def copy_store(store, dest: Path):
 
     shutil.copytree(store.root, dest)
     return Store(dest)
+
+
+# Modules whose tests start Prefect servers (ephemeral or `prefect server start`). Under
+# pytest-xdist (`make test` runs two workers) they share one worker, one after the other: two
+# servers starting at once on one machine raced for a port and timed out.
+PREFECT_SERVER_MODULES = {"test_concurrency", "test_dask", "test_deployments", "test_evaluate_finetune", "test_flow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in PREFECT_SERVER_MODULES:
+            item.add_marker(pytest.mark.xdist_group("prefect-servers"))
