@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 RUN = """
 import sys
+from flows.tia2_benchmark import tia2_benchmark  # first: sets Prefect's defaults before prefect is imported
 from prefect_dask import DaskTaskRunner
-from flows.tia2_benchmark import tia2_benchmark
 flow = tia2_benchmark
 if sys.argv[2] == "dask":
     flow = tia2_benchmark.with_options(task_runner=DaskTaskRunner(cluster_kwargs={
