@@ -496,8 +496,7 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
     if config.gradient_checkpointing:
         diffusion.unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    optimizer = _optimizer(params, config)
     rng = torch.Generator("cpu").manual_seed(config.seed)
     stats = PerPromptStats(config.stats_buffer, config.stats_min_count)
     evaluation = _Evaluation(diffusion, reward, prompts, config)
@@ -513,15 +512,11 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
         stats.history = state["stats"]
         step = state["step"]
     data = _training_data(store, diffusion, reward, prompts, config, folder)
-    trainer = {"rwr": _rwr_step, "ddpo": _ddpo_step, "refl": _refl_step}[config.algo]
     start_step, checkpoints, loss, training_seconds = step, [], float("nan"), 0.0
     with progress_bar(f"fine-tuning ({config.algo})", max(config.steps - step, 0), unit="steps") as advance:
         while step < config.steps:
             began = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = trainer(diffusion, reward, prompts, config, data, rng, stats, step)
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
+            loss = _update(diffusion, reward, prompts, config, data, rng, stats, step, params, optimizer)
             _synchronize(diffusion.device)
             training_seconds += time.perf_counter() - began
             step += 1
@@ -537,6 +532,20 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     selected = select_checkpoint([s for s, _ in rows], [w for _, w in rows]) if rows else None
     return FinetuneResult(run, folder, config, identity, start_step, checkpoints, evaluation.base_mean, selected,
                           time.perf_counter() - start_time, training_seconds)
+
+
+def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+                             weight_decay=config.weight_decay)
+
+
+def _update(diffusion, reward, prompts, config: FinetuneConfig, data, rng, stats, step, params, optimizer) -> float:
+    """One optimizer step of `config.algo`: its loss's gradients, clipped to `max_grad_norm`, applied."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = TRAINERS[config.algo](diffusion, reward, prompts, config, data, rng, stats, step)
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    return loss
 
 
 def _synchronize(device: torch.device) -> None:
@@ -741,6 +750,9 @@ def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
     loss = pretrain + config.refl_lambda * torch.relu(config.refl_margin - values).mean()
     loss.backward()
     return float(loss.detach())
+
+
+TRAINERS = {"rwr": _rwr_step, "ddpo": _ddpo_step, "refl": _refl_step}
 
 
 # --- checkpoint comparison with the base model ---------------------------------------------------
