@@ -133,3 +133,19 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     assert {(step, n) for step, _, n in rows} == {(5, 4), (10, 4)}
     assert {reward for _, reward, _ in rows} == {"textnorm(tiny-clip, tau=0.05)", "tiny-clip", "tiny-pickscore"}
     assert "held-out prompts, wins/ties/losses against the base model" in out.stdout
+
+
+def test_a_bad_finetune_section_is_one_clear_error_before_any_work():
+    from flows.finetune import finetune_section
+    from tia2.errors import UserError
+
+    good = {"generator": "tiny-sd", "finetune": {"reward": "tiny-clip", "settings": {"steps": 3}}}
+    section = finetune_section(good)
+    assert (section["algos"], section["model"], section["evaluate"]) == (["refl"], "tiny-sd", {})
+    for finetune, message in [({"reward": "tiny-clip", "epochs": 3}, "unknown setting"),
+                              ({"algos": ["refl"]}, "needs `reward`"),
+                              ({"reward": "tiny-clip", "settings": {"stepz": 3}}, "stepz"),
+                              ({"reward": "tiny-clip", "algos": ["ppo"]}, "unknown algorithm"),
+                              ({"reward": "tiny-clip", "evaluate": {"sets": ["counting"]}}, "needs `gold`")]:
+        with pytest.raises(UserError, match=message):
+            finetune_section({"generator": "tiny-sd", "finetune": finetune})
