@@ -3,6 +3,7 @@ online reward against the offline one, checkpoints, resume, selection, MLflow an
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timezone
 
 import numpy as np
@@ -182,75 +183,28 @@ def test_ddpo_and_rwr_train_the_adapter(tmp_path, algo):
 # alike (tiny-clip -0.006 after training on the top-K, -0.008 on the bottom-K), and runs landed
 # within +-0.0006 of the base with no consistent sign over seeds. After a minute of denoising
 # pre-training the samples are, and RWR's gain is learnable: measured below.
-TRAINED_SIZE = 16  # pixels; 8x8 latents keep the pre-training to about a minute on one CPU thread
-
-
-def disc_pictures(count: int, size: int, seed: int) -> torch.Tensor:
-    """`count` pictures of a coloured disc on a coloured background, [count, 3, size, size] in [-1, 1]."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    pictures = []
-    for _ in range(count):
-        background, colour = (tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2))
-        x, y = rng.integers(size // 4, 3 * size // 4, 2)
-        radius = rng.integers(size // 8, size // 4)
-        picture = Image.new("RGB", (size, size), background)
-        ImageDraw.Draw(picture).ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-        pictures.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-    return torch.stack(pictures)
-
-
 @pytest.fixture(scope="module")
 def trained_tiny_sd():
-    """tiny-sd at 16 px after 800 steps of denoising pre-training of its whole UNet (AdamW, 1e-3,
-    batch 8) on 4 disc pictures per test prompt, the VAE's scaling factor set so the latents have
-    unit variance (how SD's was chosen). Returns what `trained_generator` builds one from."""
-    from tasks.finetune import Diffusion
+    """tiny-sd at 16 px after 800 denoising steps on 4 disc pictures per test prompt, and those
+    pictures' latents; tests fine-tune copies of it."""
+    from tia2.models.trained_tiny import trained_tiny_sd
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pipeline = create_pipeline("tiny-sd").pipeline
-    pipeline.unet.register_to_config(sample_size=TRAINED_SIZE // pipeline.vae_scale_factor)
-    texts = [t for t in TEXTS for _ in range(4)]
-    with torch.no_grad():
-        latents = pipeline.vae.encode(disc_pictures(len(texts), TRAINED_SIZE, seed=0)).latent_dist.mean
-    scaling_factor = 1 / float(latents.std())
-    latents = latents * scaling_factor
-    diffusion = Diffusion(pipeline, denoise_steps=4, guidance=1.0)
-    optimizer = torch.optim.AdamW(pipeline.unet.parameters(), lr=1e-3)
-    rng = torch.Generator().manual_seed(0)
-    for _ in range(800):
-        rows = torch.randint(0, len(texts), (8,), generator=rng)
-        noisy, t, target = diffusion.denoising_loss_inputs(latents[rows], rng)
-        cond, _ = diffusion.embed([texts[i] for i in rows])
-        loss = ((diffusion.predict(noisy, t, cond) - target) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    trained = trained_tiny_sd(TEXTS)
     torch.set_num_threads(threads)
-    return {"unet": {k: v.detach().clone() for k, v in pipeline.unet.state_dict().items()},
-            "scaling_factor": scaling_factor, "latents": latents}
-
-
-def trained_generator(trained: dict):
-    generator = create_pipeline("tiny-sd")
-    pipeline = generator.pipeline
-    pipeline.unet.register_to_config(sample_size=TRAINED_SIZE // pipeline.vae_scale_factor)
-    pipeline.unet.load_state_dict(trained["unet"])
-    pipeline.vae.register_to_config(scaling_factor=trained["scaling_factor"])
-    generator.identity = "disc-pretrained-16px"
-    return generator
+    return trained
 
 
 @pytest.mark.xdist_group("trained-tiny-sd")  # one worker pre-trains it once
 def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd):
     """What makes RWR's gain learnable: deterministic samples land near the training latents
-    (measured: 4-6 apart, against 13.6 between training latents) and use several of them."""
+    (measured: 3.9-7.6 apart, against 15.4 between training latents) and use several of them."""
     from tasks.finetune import Diffusion
 
-    diffusion = Diffusion(trained_generator(trained_tiny_sd).pipeline, denoise_steps=4, guidance=1.0)
-    latents = trained_tiny_sd["latents"][:4].flatten(1)  # the first prompt's
+    generator, latents = trained_tiny_sd
+    diffusion = Diffusion(generator.pipeline, denoise_steps=4, guidance=1.0)
+    latents = latents[:4].flatten(1)  # the first prompt's
     samples = diffusion.sample([TEXTS[0]] * 16, list(range(16))).flatten(1)
     distances = torch.cdist(samples, latents)
     spacing = torch.pdist(latents).mean()
@@ -263,10 +217,10 @@ def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd)
 # +0.0076, +0.0066, +0.0091 (51, 51, 45, 41, 46, 50 of 64 images beat the base's); against the
 # negated reward tiny-clip fell by 0.0118, 0.0060, 0.0196, 0.0120, 0.0066, 0.0110. (Top 2 of 16:
 # +0.003 to +0.013.) DDPO on the same model was not learnable at CPU sample counts: its estimate of
-# the policy gradient had cosine -0.13, -0.11, 0.00 with the exact (reparameterised) gradient of
-# the expected reward from 32, 128 and 512 samples (two exact estimates from 256 agree at 0.87),
-# and runs drifted down at learning rates that move the adapter (1e-2, 32 samples an iteration:
-# -0.015 after 40 steps). At 8 px (4x4 latents) the cosine rose to 0.4 from 64 samples, yet gains
+# the policy gradient points nowhere near the exact (reparameterised) gradient of the expected
+# reward from 32 to 512 samples (benchmarks/ddpo_gradient_check.py; RESULTS.md), and runs
+# drifted down at learning rates that move the adapter (1e-2, 32 samples an iteration: -0.015
+# after 40 steps). At 8 px (4x4 latents) the cosine rose to 0.4 from 64 samples, yet gains
 # stayed within +-0.005 and changed sign over 80 steps. Its steps are checked on the toy below.
 @pytest.mark.xdist_group("trained-tiny-sd")
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -277,11 +231,11 @@ def test_rwr_raises_the_reward_of_a_trained_tiny_sd(tmp_path, trained_tiny_sd, s
     prompts = training_prompts(store, None, None)
     config = paper_config("rwr", "tiny-clip", **{**TINY, **settings})
     reward = OnlineReward("tiny-clip", store, prompts)
-    result = finetune(store, trained_generator(trained_tiny_sd), config, prompts, reward)
+    result = finetune(store, copy.deepcopy(trained_tiny_sd[0]), config, prompts, reward)
     final = result.checkpoints[-1]
     assert final.mean_reward > result.base_mean_reward + 0.004 and final.wins >= 0.6 * final.n_eval, (seed, final)
     # the gain follows the reward: against the negated reward (which its evaluation scores too), tiny-clip falls
-    negated = finetune(make_store(tmp_path / "negated"), trained_generator(trained_tiny_sd), config, prompts,
+    negated = finetune(make_store(tmp_path / "negated"), copy.deepcopy(trained_tiny_sd[0]), config, prompts,
                        lambda images, prompt_ids: -reward(images, prompt_ids)).checkpoints[-1]
     assert -negated.mean_reward < -negated.base_mean_reward - 0.004 and negated.wins >= 0.6 * negated.n_eval, negated
 
