@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU benchmarks (generation, fine-tuning) in one call, e.g. on a machine lent for an hour
+# The GPU benchmarks (generation, fine-tuning, DDPO's gradient check) in one call, e.g. on a machine lent for an hour
 # (results: benchmarks/RESULTS.md). Wheels in .whl/ (packages the machine lacks, e.g. diffusers,
 # duckdb, open_clip_torch) are installed to /tmp/site first; logs go to $OUT (or ./gpu-logs).
 set -o pipefail
@@ -13,3 +13,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 timeout "${GENERATION_SECONDS:-300}" python3 benchmarks/generation_bench.py --gpu 2>&1 | tee "$OUT/generation.log"
 timeout "${FINETUNE_SECONDS:-220}" python3 benchmarks/finetune_bench.py --device cuda --steps 2 2>&1 \
   | grep --line-buffered -v "fine-tuning (" | tee "$OUT/finetune.log"
+timeout "${DDPO_CHECK_SECONDS:-150}" python3 benchmarks/ddpo_gradient_check.py --device cuda --samples 512 4096 16384 \
+  --exact-samples 4096 --batch-size 1024 2>&1 | tee "$OUT/ddpo_gradient_check.log"
