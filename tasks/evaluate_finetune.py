@@ -20,7 +20,6 @@ import json
 import math
 import re
 import sys
-import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,6 @@ import pyarrow as pa
 from tasks.finetune import ADAPTER_FILE
 from tasks.rewards import RewardEvaluator
 from tia2.errors import UserError
-from tia2.progress import progress_bar
 from tia2.specs import Model, Spec, TextNorm, parse_spec
 from tia2.store import Store, stable_id
 
@@ -217,21 +215,18 @@ def _image_frame(generator, adapters: list[Adapter], prompts, images_per_prompt:
     return frame
 
 
-def _make_images(store: Store, generator, adapters: list[Adapter], frame: pd.DataFrame, denoise_steps: int,
-                 guidance: float, seed: int, batch_size: int | None) -> int:
+def _make_images(store: Store, generator, adapters: list[Adapter], frame: pd.DataFrame, images_per_prompt: int,
+                 denoise_steps: int, guidance: float, seed: int, batch_size: int | None) -> int:
     """Generate the frame's missing images, loading each adapter only when it has some to make."""
-    from tasks.generate import GenerateReport, _generate_batch, probe_batch_size
+    from tasks.generate import generate_images
     from tia2.models.diffusion import apply_lora
 
     existing = set(store.read("images").column("image_id").to_pylist())
-    report = GenerateReport()
+    made = 0
     for adapter in [None, *adapters]:
         block = frame[frame["variant"] == (adapter.label if adapter else BASE)]
-        todo = [(r.prompt_id, r.caption, r.set, r.ordinal) for r in block.itertuples() if r.image_id not in existing]
-        if not todo:
+        if block["image_id"].isin(existing).all():
             continue
-        if batch_size is None:
-            batch_size = probe_batch_size(generator) if generator.pipeline.device.type == "cuda" else 4
         if adapter:
             from diffusers.utils import logging as diffusers_logging
 
@@ -242,18 +237,15 @@ def _make_images(store: Store, generator, adapters: list[Adapter], frame: pd.Dat
             finally:
                 diffusers_logging.set_verbosity(verbosity)
         try:
-            with progress_bar(f"generating ({adapter.label if adapter else BASE})", len(todo)) as advance:
-                start, done = time.perf_counter(), report.images
-                for first in range(0, len(todo), batch_size):
-                    _generate_batch(store, generator, todo[first:first + batch_size], denoise_steps, guidance, seed,
-                                    report)
-                    advance(len(todo[first:first + batch_size]),
-                            (report.images - done) / (time.perf_counter() - start))
+            prompts = list(block[["prompt_id", "caption", "set"]].drop_duplicates().itertuples(index=False, name=None))
+            made += generate_images(store, generator, images_per_prompt=images_per_prompt, steps=denoise_steps,
+                                    guidance=guidance, base_seed=seed, batch_size=batch_size, prompts=prompts,
+                                    label=adapter.label if adapter else BASE).images
         finally:
             if adapter:
                 generator.pipeline.unload_lora_weights()
                 generator.lora = None
-    return report.images
+    return made
 
 
 def _score(store: Store, names: list[str], sets: list[str], weights: str, device: str,
@@ -325,7 +317,8 @@ def evaluate_finetune(store: Store, model: str, gold: str, run: str | None = Non
                             f"(give its --model and --weights)")
     frame = _image_frame(generator, resolved, prompts, images_per_prompt, denoise_steps, guidance, seed)
     human = _human_values(store, frame) if HUMAN in specs else None
-    made = _make_images(store, generator, resolved, frame, denoise_steps, guidance, seed, batch_size)
+    made = _make_images(store, generator, resolved, frame, images_per_prompt, denoise_steps, guidance, seed,
+                        batch_size)
     del generator
     versions, scored = _score(store, names, sorted({s for _, _, s in prompts}), reward_weights, device,
                               score_batch_size)

@@ -107,11 +107,15 @@ def probe_batch_size(generator, steps: int = 2, limit: int = 64) -> int:
 def generate_images(store: Store, generator, sets: list[str] | None = None, images_per_prompt: int = 1,
                     steps: int = DEFAULTS["steps"], guidance: float = DEFAULTS["guidance"],
                     base_seed: int = 0, batch_size: int | None = 4, max_prompts: int | None = None,
-                    shard: tuple[int, int] = (0, 1)) -> GenerateReport:
+                    shard: tuple[int, int] = (0, 1), prompts: list[tuple[str, str, str]] | None = None,
+                    label: str | None = None) -> GenerateReport:
     """Make the missing images for every prompt of the given sets (the first `max_prompts` of
-    each; of one shard of them). A batch holds several prompts; batch_size None: on a GPU, from
-    its free memory (probe_batch_size), on the CPU 4 (images are made one at a time there)."""
-    prompts = prompts_to_generate(store, sets, max_prompts, shard)
+    each; of one shard of them), or of `prompts` ((prompt_id, text, set) rows) when given. A
+    batch holds several prompts; batch_size None: on a GPU, from its free memory
+    (probe_batch_size), on the CPU 4 (images are made one at a time there). `label` names the
+    progress bar (default: the generator)."""
+    if prompts is None:
+        prompts = prompts_to_generate(store, sets, max_prompts, shard)
     if batch_size is None:
         batch_size = probe_batch_size(generator) if generator.pipeline.device.type == "cuda" else 4
     existing = set(store.read("images").column("image_id").to_pylist())
@@ -120,7 +124,7 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
             if image_id(w[0], generator.identity, generator.lora, w[3], base_seed, steps, guidance) not in existing]
     report = GenerateReport(already_present=len(wanted) - len(todo))
     start = time.perf_counter()
-    with progress_bar(f"generating with {generator.name}", len(todo)) as advance:
+    with progress_bar(f"generating ({label or generator.name})", len(todo)) as advance:
         for first in range(0, len(todo), batch_size):
             _generate_batch(store, generator, todo[first:first + batch_size], steps, guidance, base_seed, report)
             report.seconds = time.perf_counter() - start
