@@ -359,7 +359,7 @@ def _win_tie_loss(frame, adapters: list[Adapter], rewards: list[str], tol: float
 def _steps_curve(frame, adapters: list[Adapter], proxy: str, gold: str) -> pd.DataFrame:
     """Step 0 (the base model) and every adapter whose training step is known."""
     proxy_means, gold_means = (_blocks(frame, c, 1 + len(adapters)).mean(axis=1) for c in (proxy, gold))
-    rows = [dict(run=None, step=0, adapter=BASE, proxy=proxy_means[0], gold=gold_means[0])]
+    rows = [dict(run="", step=0, adapter=BASE, proxy=proxy_means[0], gold=gold_means[0])]  # the base: no run
     rows += [dict(run=a.run, step=a.step, adapter=a.label, proxy=proxy_means[k], gold=gold_means[k])
              for k, a in enumerate(adapters, start=1) if a.step is not None]
     return pd.DataFrame(rows)

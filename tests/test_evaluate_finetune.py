@@ -143,6 +143,7 @@ def test_step_curve_has_step_zero_and_each_checkpoint_with_direct_means(evaluate
     values = stored_values(evaluated.store)
     curve = evaluated.result.steps_curve
     assert curve["step"].tolist() == [0, 1, 2] and curve["adapter"].tolist() == ["base", "step 1", "step 2"]
+    assert curve["run"].iloc[0] == "" and curve["run"].iloc[1:].str.len().min() > 0  # prints without NaN
     loras = {a.step: a.lora for a in evaluated.result.adapters if a.step is not None}
     loras[0] = ""  # the base model's images
     for row in curve.itertuples():
