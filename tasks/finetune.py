@@ -815,3 +815,24 @@ def record_finetune(store: Store, model: str, config: FinetuneConfig, sets: list
                          "tia2.selected_step": result.selected_step})
         mlflow.log_metric("steps_per_second", result.steps_per_second)
     return result
+
+
+@dataclass
+class KlSweep:
+    chosen: float                       # the β picked by `choose_kl_coefficient`
+    runs: dict[float, FinetuneResult]   # one RWR run per β
+    wins: dict[float, int]              # each run's selected checkpoint's images that beat the base's
+
+
+def sweep_kl_coefficient(store: Store, model: str, config: FinetuneConfig, betas=KL_COEFFICIENTS,
+                         **record_options) -> KlSweep:
+    """TextNorm Appendix A.2 for RWR: one run per β (each its own, resumable MLflow run; the same
+    training images and evaluation seeds), each run's checkpoint chosen by `select_checkpoint`,
+    then the β whose chosen checkpoint beats the base model on the most images."""
+    if config.algo != "rwr":
+        raise UserError(f"the KL coefficient sweep is RWR's (got --algo {config.algo})")
+    runs = {beta: record_finetune(store, model, replace(config, kl_beta=beta), **record_options) for beta in betas}
+    wins = {beta: store.connect().execute("SELECT wins FROM finetune_checkpoints WHERE run = ? AND step = ?",
+                                          [result.run, result.selected_step]).fetchone()[0]
+            for beta, result in runs.items()}
+    return KlSweep(choose_kl_coefficient(wins), runs, wins)

@@ -4,6 +4,8 @@ online reward against the offline one, checkpoints, resume, selection, MLflow an
 from __future__ import annotations
 
 import copy
+import json
+import re
 from datetime import datetime, timezone
 
 import numpy as np
@@ -500,3 +502,34 @@ def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(base + ["--algo", "ppo", "--reward", "tiny-clip"])
     assert exit_info.value.code == 2
+
+
+def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, capsys):
+    from tasks.finetune import KL_COEFFICIENTS
+
+    store = make_store(tmp_path / "store")
+    base = ["--store", str(store.root), "finetune", "--model", "tiny-sd", "--reward", "tiny-clip", "--steps", "2",
+            "--checkpoint-every", "1", "--denoise-steps", "3", "--guidance", "1", "--batch-size", "2",
+            "--eval-images-per-prompt", "2", "--learning-rate", "5e-2", "--images-per-prompt", "2", "--keep", "1"]
+    assert main(base + ["--algo", "rwr", "--kl-beta", "sweep"]) == 0
+    out = capsys.readouterr().out
+    rows = store.connect().execute(
+        "SELECT run, list(step ORDER BY step), list(wins ORDER BY step) FROM finetune_checkpoints GROUP BY run").fetchall()
+    assert len(rows) == len(KL_COEFFICIENTS)  # a run per β, each with its own checkpoints
+    betas = {}
+    for run, steps, wins in rows:
+        beta = json.loads((store.adapters_dir / f"rwr-{run}" / "config.json").read_text())["kl_beta"]
+        betas[beta] = wins[steps.index(select_checkpoint(steps, wins))]
+    assert sorted(betas) == list(KL_COEFFICIENTS)
+    chosen = choose_kl_coefficient(betas)
+    assert f"chosen KL coefficient (most wins; ties to the larger): {chosen} " in out
+    for beta, wins in betas.items():
+        assert re.search(rf"^\s+{beta}\s+\w+\s+\d+\s+{wins}$", out, re.M), (beta, wins, out)
+    for args, message in [(["--algo", "refl", "--kl-beta", "sweep"], "the KL coefficient sweep is RWR's"),
+                          (["--algo", "rwr", "--kl-beta", "-1"], "kl_beta must be >= 0")]:
+        assert main(base + args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        main(base + ["--algo", "rwr", "--kl-beta", "lots"])
+    assert "'lots': a number, or sweep" in capsys.readouterr().err

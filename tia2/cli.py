@@ -222,18 +222,48 @@ def _print_table(columns: list[str], rows: list[tuple]) -> None:
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
-def cmd_finetune(args) -> int:
-    from tasks.finetune import paper_config, record_finetune
+def _kl_beta(value: str) -> float | str:
+    if value == "sweep":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number, or sweep") from None
 
+
+def cmd_finetune(args) -> int:
+    from tasks.finetune import paper_config, record_finetune, sweep_kl_coefficient
+
+    sweep = args.kl_beta == "sweep"
     overrides = {k: getattr(args, k) for k in (
         "steps", "checkpoint_every", "seed", "denoise_steps", "guidance", "learning_rate", "batch_size",
         "lora_rank", "images_per_prompt", "keep", "kl_beta", "samples_per_iteration", "refl_lambda",
         "eval_images_per_prompt")}
+    if sweep:
+        overrides["kl_beta"] = None
     if args.lora_rank is not None:
         overrides["lora_alpha"] = float(args.lora_rank)
     config = paper_config(args.algo, args.reward, **overrides)
-    result = record_finetune(_store(args, create=False), args.model, config, args.set, args.max_prompts,
-                             "random" if args.random_init else args.weights, device=args.device)
+    options = dict(sets=args.set, max_prompts=args.max_prompts,
+                   weights="random" if args.random_init else args.weights, device=args.device)
+    store = _store(args, create=False)
+    if not sweep:
+        _print_finetune(record_finetune(store, args.model, config, **options))
+        return 0
+    result = sweep_kl_coefficient(store, args.model, config, **options)
+    for beta, run in result.runs.items():
+        print(f"KL coefficient {beta}:")
+        _print_finetune(run)
+    print("KL coefficient  run           selected step  beats base")
+    for beta, run in result.runs.items():
+        print(f"{beta:>14}  {run.run:<12}  {run.selected_step:>13}  {result.wins[beta]:>10}")
+    print(f"chosen KL coefficient (most wins; ties to the larger): {result.chosen} "
+          f"(run {result.runs[result.chosen].run})")
+    return 0
+
+
+def _print_finetune(result) -> None:
+    config = result.config
     done = result.checkpoints[-1].step if result.checkpoints else result.start_step
     print(f"{config.algo} on {result.generator} against {config.reward}: steps {result.start_step} -> {done} "
           f"({result.steps_per_second:.2f} steps/s), adapters in {result.folder}")
@@ -242,7 +272,6 @@ def cmd_finetune(args) -> int:
               f"beats base {c.wins}/{c.n_eval}")
     if result.selected_step is not None:
         print(f"  selected checkpoint (earliest with the most wins): step {result.selected_step}")
-    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -537,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank, alpha = rank (default 4)")
     p.add_argument("--images-per-prompt", type=int, metavar="N", help="rwr: images per prompt (default 100)")
     p.add_argument("--keep", type=int, metavar="K", help="rwr: top K per prompt (default 10)")
-    p.add_argument("--kl-beta", type=float, metavar="B", help="rwr: KL coefficient (default 0.5)")
+    p.add_argument("--kl-beta", type=_kl_beta, metavar="B|sweep",
+                   help="rwr: KL coefficient (default 0.5); `sweep`: a run for each of 0, 0.25, 0.5, 0.75 and 1, "
+                        "then the one whose selected checkpoint beats the base model on the most images "
+                        "(TextNorm paper, Appendix A.2)")
     p.add_argument("--samples-per-iteration", type=int, metavar="N", help="ddpo (default 256)")
     p.add_argument("--refl-lambda", type=float, metavar="L", help="refl: reward loss scale (default 1e-3)")
     p.add_argument("--eval-images-per-prompt", type=int, metavar="N",
