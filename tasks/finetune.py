@@ -466,8 +466,9 @@ class FinetuneResult:
         return done / self.training_seconds if self.training_seconds else 0.0
 
 
-def run_key(config: FinetuneConfig, generator_identity: str, prompt_ids: list[str]) -> str:
-    return stable_id("finetune", json.dumps(config.key(), sort_keys=True), generator_identity, *prompt_ids)[:12]
+def run_key(config: FinetuneConfig, generator_identity: str, prompt_ids: list[str], reward_models: list[str]) -> str:
+    return stable_id("finetune", json.dumps(config.key(), sort_keys=True), generator_identity, *reward_models,
+                     *prompt_ids)[:12]
 
 
 def training_prompts(store: Store, sets: list[str] | None, max_prompts: int | None) -> list[tuple[str, str]]:
@@ -487,11 +488,13 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     is called after each is written (the MLflow logging)."""
     start_time = time.perf_counter()
     identity = f"{generator.name}@{generator.identity}"
-    run = run_key(config, identity, [p for p, _ in prompts])
+    # the reward models' versions too: the same spec over other weights is another objective
+    rewards = sorted(f"{name}@{model.identity}" for name, model in getattr(reward, "models", {}).items())
+    run = run_key(config, identity, [p for p, _ in prompts], rewards)
     folder = store.adapters_dir / f"{config.algo}-{run}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**config.key(), "generator": identity, "prompts": prompts},
-                                                   indent=1))
+    (folder / "config.json").write_text(json.dumps({**config.key(), "generator": identity, "reward_models": rewards,
+                                                    "prompts": prompts}, indent=1))
     diffusion = Diffusion(generator.pipeline, config.denoise_steps, config.guidance, config.mixed_precision)
     params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
     if config.gradient_checkpointing:
@@ -511,7 +514,7 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
         rng.set_state(state["rng"])
         stats.history = state["stats"]
         step = state["step"]
-    data = _training_data(store, diffusion, reward, prompts, config, folder)
+    data = _training_data(store, diffusion, reward, prompts, config, folder, [identity, *rewards])
     start_step, checkpoints, loss, training_seconds = step, [], float("nan"), 0.0
     with progress_bar(f"fine-tuning ({config.algo})", max(config.steps - step, 0), unit="steps") as advance:
         while step < config.steps:
@@ -611,17 +614,29 @@ def _record_checkpoint(store: Store, run: str, config: FinetuneConfig, generator
         created_at=datetime.now(timezone.utc))]))
 
 
-# --- training data (made once per run, kept in the run folder) ---------------------------------
+# --- training data (made once, kept in the store) -----------------------------------------------
+# RWR's data depends on these alone, so runs that differ in anything else (β of a sweep, the
+# learning rate, ...) share one file
+RWR_DATA_FIELDS = ("reward", "seed", "denoise_steps", "guidance", "images_per_prompt", "keep", "mixed_precision")
+
+
 def _training_data(store: Store, diffusion: Diffusion, reward: OnlineReward, prompts, config: FinetuneConfig,
-                   folder: Path) -> dict | None:
+                   folder: Path, sources: list[str]) -> dict | None:
     if config.algo == "ddpo":
         return None
-    path = folder / "training_data.pt"
+    if config.algo == "rwr":
+        fields = json.dumps({k: getattr(config, k) for k in RWR_DATA_FIELDS}, sort_keys=True)
+        key = stable_id("rwr-data", fields, *sources, *(p for p, _ in prompts))[:12]
+        path = store.adapters_dir / f"rwr-data-{key}.pt"
+    else:
+        path = folder / "training_data.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     data = _rwr_data(diffusion, reward, prompts, config) if config.algo == "rwr" else \
         _pretraining_pairs(store, diffusion, prompts, config)
-    torch.save(data, path)
+    partial = path.with_name(f".{path.name}.tmp")
+    torch.save(data, partial)
+    partial.rename(path)  # a crash mid-write leaves no file that a re-run would load
     return data
 
 

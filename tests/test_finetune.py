@@ -516,6 +516,7 @@ def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, ca
     rows = store.connect().execute(
         "SELECT run, list(step ORDER BY step), list(wins ORDER BY step) FROM finetune_checkpoints GROUP BY run").fetchall()
     assert len(rows) == len(KL_COEFFICIENTS)  # a run per β, each with its own checkpoints
+    assert len(list(store.adapters_dir.glob("rwr-data-*.pt"))) == 1  # and one set of top-K images for all
     betas = {}
     for run, steps, wins in rows:
         beta = json.loads((store.adapters_dir / f"rwr-{run}" / "config.json").read_text())["kl_beta"]
