@@ -13,7 +13,8 @@ The config's `finetune` section (see README, Configuration):
       model: tiny-sd                # default: the config's generator
       weights: random               # the generator's weights (default pretrained)
       reward_weights: random        # the reward models' weights (default: the config's weights)
-      settings: {steps: 10, ...}    # any FinetuneConfig field (tasks/finetune.py), on top of the paper's
+      settings: {steps: 10, ...}    # any FinetuneConfig field (tasks/finetune.py), on top of the paper's;
+                                    # kl_beta: sweep runs RWR for each β and keeps the paper's pick
       evaluate: {gold: tiny-pickscore, sets: [composition], max_prompts: 4, images_per_prompt: 2,
                  steps: 10, guidance: 7.5, rewards: [...]}   # held-out prompts of these sets
 """
@@ -26,7 +27,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
 from tasks.evaluate_finetune import record_evaluate_finetune, wins_table  # noqa: E402
-from tasks.finetune import paper_config, record_finetune  # noqa: E402
+from tasks.finetune import paper_config, record_finetune, sweep_kl_coefficient  # noqa: E402
 from tia2.config import merged_config  # noqa: E402
 from tia2.errors import UserError  # noqa: E402
 from tia2.store import Store, default_store_root  # noqa: E402
@@ -62,10 +63,15 @@ def finetune_section(settings: dict) -> dict:
         raise UserError("finetune.evaluate: needs `gold`, the held-out reward (a spec, or human)")
     for algo in section["algos"]:
         try:
-            paper_config(algo, section["reward"], **section["settings"])
+            paper_config(algo, section["reward"], **_settings(section))
         except ValueError as exc:
             raise UserError(f"finetune.settings: {exc}") from exc
     return section
+
+
+def _settings(section: dict) -> dict:
+    """The section's hyperparameters; `kl_beta: sweep` (RWR's β sweep) is not one."""
+    return {k: v for k, v in section["settings"].items() if not (k == "kl_beta" and v == "sweep")}
 
 
 @task(name="finetune", cache_policy=CACHED, persist_result=True, tags=["gpu"])
@@ -73,16 +79,23 @@ def finetune_task(store_root: str, algo: str, section: dict, device: str, prompt
                   parent_run_id: str) -> dict:
     """Train (or continue) one algorithm's adapter; its checkpoints are in the store."""
     store = Store(store_root)
-    config = paper_config(algo, section["reward"], **section["settings"])
-    result = record_finetune(store, section["model"], config, section.get("sets"), section.get("max_prompts"),
-                             section["weights"], section["reward_weights"], device, parent_run_id)
+    config = paper_config(algo, section["reward"], **_settings(section))
+    options = dict(sets=section.get("sets"), max_prompts=section.get("max_prompts"), weights=section["weights"],
+                   reward_weights=section["reward_weights"], device=device, parent_run_id=parent_run_id)
+    swept = None
+    if algo == "rwr" and section["settings"].get("kl_beta") == "sweep":
+        swept = sweep_kl_coefficient(store, section["model"], config, **options)
+        result = swept.runs[swept.chosen]  # the run that goes on to the evaluation
+    else:
+        result = record_finetune(store, section["model"], config, **options)
     # the last checkpoint, also when an earlier run already trained to the target
     step, mean_reward, wins, n_eval = store.connect().execute(
         "SELECT step, mean_reward, wins, n_eval FROM finetune_checkpoints WHERE run = ? ORDER BY step DESC LIMIT 1",
         [result.run]).fetchone()
     return {"algo": algo, "run": result.run, "folder": str(result.folder), "final_step": step,
             "selected_step": result.selected_step, "base_mean_reward": result.base_mean_reward,
-            "final_mean_reward": mean_reward, "final_wins": f"{wins}/{n_eval}"}
+            "final_mean_reward": mean_reward, "final_wins": f"{wins}/{n_eval}",
+            **({"kl_beta": swept.chosen, "wins_by_kl_beta": swept.wins} if swept else {})}
 
 
 @task(name="evaluate", cache_policy=CACHED, persist_result=True, tags=["gpu"])

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,6 +130,11 @@ def paper_config(algo: str, reward: str, **overrides) -> FinetuneConfig:
 
 
 def _check(c: FinetuneConfig) -> None:
+    wrong = [f"{f.name} must be a number (got {getattr(c, f.name)!r})" for f in fields(c)
+             if f.type in ("int", "float") and (isinstance(getattr(c, f.name), bool)
+                                                or not isinstance(getattr(c, f.name), (int, float)))]
+    if wrong:  # e.g. a YAML config's string
+        raise UserError("; ".join(wrong))
     problems = [f"{name} must be at least 1" for name in
                 ("steps", "checkpoint_every", "denoise_steps", "batch_size", "lora_rank", "images_per_prompt",
                  "keep", "samples_per_iteration", "eval_images_per_prompt", "pretrain_images_per_prompt")

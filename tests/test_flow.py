@@ -142,10 +142,36 @@ def test_a_bad_finetune_section_is_one_clear_error_before_any_work():
     good = {"generator": "tiny-sd", "finetune": {"reward": "tiny-clip", "settings": {"steps": 3}}}
     section = finetune_section(good)
     assert (section["algos"], section["model"], section["evaluate"]) == (["refl"], "tiny-sd", {})
+    finetune_section({"generator": "tiny-sd", "finetune": {"reward": "tiny-clip", "algos": ["rwr", "refl"],
+                                                           "settings": {"kl_beta": "sweep"}}})  # RWR's β sweep
     for finetune, message in [({"reward": "tiny-clip", "epochs": 3}, "unknown setting"),
                               ({"algos": ["refl"]}, "needs `reward`"),
                               ({"reward": "tiny-clip", "settings": {"stepz": 3}}, "stepz"),
                               ({"reward": "tiny-clip", "algos": ["ppo"]}, "unknown algorithm"),
-                              ({"reward": "tiny-clip", "evaluate": {"sets": ["counting"]}}, "needs `gold`")]:
+                              ({"reward": "tiny-clip", "evaluate": {"sets": ["counting"]}}, "needs `gold`"),
+                              ({"reward": "tiny-clip", "settings": {"kl_beta": "lots"}}, "kl_beta must be a number"),
+                              ({"reward": "tiny-clip", "settings": {"steps": "10"}}, "steps must be a number")]:
         with pytest.raises(UserError, match=message):
             finetune_section({"generator": "tiny-sd", "finetune": finetune})
+
+
+def test_the_flows_rwr_sweep_keeps_the_papers_pick_for_the_evaluation(tmp_path):
+    from flows.finetune import finetune_section, finetune_task
+    from tasks.finetune import KL_COEFFICIENTS, choose_kl_coefficient, select_checkpoint
+    from test_finetune import make_store
+
+    store = make_store(tmp_path / "store")
+    section = finetune_section({"generator": "tiny-sd", "finetune": {
+        "reward": "tiny-clip", "algos": ["rwr"], "weights": "random",
+        "settings": {"kl_beta": "sweep", "steps": 2, "checkpoint_every": 1, "denoise_steps": 3, "guidance": 1.0,
+                     "batch_size": 2, "images_per_prompt": 2, "keep": 1, "eval_images_per_prompt": 2,
+                     "learning_rate": 5e-2}}})
+    report = finetune_task.fn(str(store.root), "rwr", section, "cpu", "key", None)
+    rows = main_sql(store.root, "SELECT run, list(step ORDER BY step), list(wins ORDER BY step) "
+                                "FROM finetune_checkpoints GROUP BY run")
+    assert len(rows) == len(KL_COEFFICIENTS)
+    wins = {run: w[s.index(select_checkpoint(s, w))] for run, s, w in rows}
+    assert sorted(report["wins_by_kl_beta"]) == list(KL_COEFFICIENTS)
+    assert sorted(report["wins_by_kl_beta"].values()) == sorted(wins.values())
+    assert report["kl_beta"] == choose_kl_coefficient(report["wins_by_kl_beta"])
+    assert report["wins_by_kl_beta"][report["kl_beta"]] == wins[report["run"]]  # the chosen run is reported
