@@ -630,8 +630,8 @@ def _training_data(store: Store, diffusion: Diffusion, reward: OnlineReward, pro
     if config.algo == "ddpo":
         return None
     if config.algo == "rwr":
-        fields = json.dumps({k: getattr(config, k) for k in RWR_DATA_FIELDS}, sort_keys=True)
-        key = stable_id("rwr-data", fields, *sources, *(p for p, _ in prompts))[:12]
+        data_fields = json.dumps({k: getattr(config, k) for k in RWR_DATA_FIELDS}, sort_keys=True)
+        key = stable_id("rwr-data", data_fields, *sources, *(p for p, _ in prompts))[:12]
         path = store.adapters_dir / f"rwr-data-{key}.pt"
     else:
         path = folder / "training_data.pt"

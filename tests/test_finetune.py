@@ -533,4 +533,4 @@ def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, ca
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         main(base + ["--algo", "rwr", "--kl-beta", "lots"])
-    assert "'lots': a number, or sweep" in capsys.readouterr().err
+    assert "expected a number or sweep, got 'lots'" in capsys.readouterr().err

@@ -35,13 +35,20 @@ def _csv_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _batch_size(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+def _number_or(word: str, kind: type, meaning):
+    """An argparse type: a number of `kind`, or `word` (which stands for `meaning`)."""
+    def parse(text: str):
+        if text == word:
+            return meaning
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'} or {word}, got {text!r}") from None
+    return parse
+
+
+_batch_size = _number_or("auto", int, None)  # None: from the GPU's free memory
 
 
 # --- subcommands ------------------------------------------------------------------------------
@@ -220,15 +227,6 @@ def _print_table(columns: list[str], rows: list[tuple]) -> None:
         table.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 200)).print(table)
     print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-
-
-def _kl_beta(value: str) -> float | str:
-    if value == "sweep":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: a number, or sweep") from None
 
 
 def cmd_finetune(args) -> int:
@@ -566,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank, alpha = rank (default 4)")
     p.add_argument("--images-per-prompt", type=int, metavar="N", help="rwr: images per prompt (default 100)")
     p.add_argument("--keep", type=int, metavar="K", help="rwr: top K per prompt (default 10)")
-    p.add_argument("--kl-beta", type=_kl_beta, metavar="B|sweep",
+    p.add_argument("--kl-beta", type=_number_or("sweep", float, "sweep"), metavar="B|sweep",
                    help="rwr: KL coefficient (default 0.5); `sweep`: a run for each of 0, 0.25, 0.5, 0.75 and 1, "
                         "then the one whose selected checkpoint beats the base model on the most images "
                         "(TextNorm paper, Appendix A.2)")
