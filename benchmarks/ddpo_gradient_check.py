@@ -41,27 +41,21 @@ def gradient(params) -> torch.Tensor:
 
 
 def exact_gradient(diffusion, reward, prompts, params, samples: int, seed: int, batch: int) -> torch.Tensor:
-    """∇ of Σ_prompt mean(r)/std(r) over `samples` trajectories of the eta-1 sampler."""
+    """∇ of Σ_prompt mean(r)/std(r) over `samples` trajectories of the eta-1 sampler (the std
+    held constant, as DDPO's z-scores are)."""
     rng = torch.Generator().manual_seed(seed)
     chosen = torch.randint(0, len(prompts), (samples,), generator=rng).tolist()
     initial = torch.randn((samples, *diffusion.latent_shape), generator=rng) * diffusion.scheduler.init_noise_sigma
-    noise = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(samples // batch + 1)]
-    rewards = []
-    with torch.no_grad():  # first the rewards, for each prompt's std
-        for k, first in enumerate(range(0, samples, batch)):
-            rewards.append(_rewards(diffusion, reward, prompts, chosen[first:first + batch],
-                                    initial[first:first + batch], torch.Generator().set_state(noise[k].get_state())))
-    rewards = torch.cat(rewards)
-    ids = torch.tensor(chosen)
-    std = {p: float(rewards[ids == p].std()) for p in set(chosen)}
-    count = {p: int((ids == p).sum()) for p in set(chosen)}
+    values = torch.cat([_rewards(diffusion, reward, prompts, chosen[first:first + batch],
+                                 initial[first:first + batch], rng) for first in range(0, samples, batch)])
+    ids = torch.tensor(chosen, device=values.device)
+    weights = torch.zeros_like(values)
+    for prompt in set(chosen):
+        rows = ids == prompt
+        weights[rows] = 1 / (values.detach()[rows].std() * rows.sum())
     for p in params:
         p.grad = None
-    for k, first in enumerate(range(0, samples, batch)):
-        part = chosen[first:first + batch]
-        values = _rewards(diffusion, reward, prompts, part, initial[first:first + batch], noise[k])
-        weights = torch.tensor([1 / (std[p] * count[p]) for p in part], device=values.device)
-        (values * weights).sum().backward()
+    (values * weights).sum().backward()
     return gradient(params)
 
 
