@@ -501,7 +501,9 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     (folder / "config.json").write_text(json.dumps({**config.key(), "generator": identity, "reward_models": rewards,
                                                     "prompts": prompts}, indent=1))
     diffusion = Diffusion(generator.pipeline, config.denoise_steps, config.guidance, config.mixed_precision)
-    params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
+    with torch.random.fork_rng():  # the adapter's initial A from the run's seed: same key, same weights
+        torch.manual_seed(config.seed)
+        params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
     if config.gradient_checkpointing:
         diffusion.unet.enable_gradient_checkpointing()
     optimizer = _optimizer(params, config)
