@@ -26,7 +26,7 @@ for part in ${*:-generation finetune ddpo}; do
       timeout "${DDPO_TEST_SECONDS:-220}" python3 -m pytest --noconftest -p no:cacheprovider -q \
         tests/test_finetune.py -k on_a_gpu 2>&1 | grep --line-buffered -v "fine-tuning (" | tee "$OUT/ddpo_test.log"
       timeout "${DDPO_GAIN_SECONDS:-200}" python3 benchmarks/ddpo_tiny_sd_gain.py --device cuda --steps 30 \
-        --samples 16384 2048 --learning-rates 3e-2 1e-2 --batch-size 4096 --seeds 0 2>&1 \
+        --samples 1024 4096 16384 --learning-rates 3e-2 --seeds 0 2>&1 \
         | grep --line-buffered -v "fine-tuning (" | tee "$OUT/ddpo_gain.log" ;;
     *) echo "unknown part $part (use generation, finetune, ddpo)" >&2; exit 2 ;;
   esac
