@@ -33,7 +33,16 @@ from tia2.models.trained_tiny import trained_tiny_sd  # noqa: E402
 from tia2.store import Store, stable_id  # noqa: E402
 
 TEXTS = ["a photo of two cats", "three red apples on a table"]
+PROMPTS = [(stable_id("check", t), t) for t in TEXTS]
 UNLIMITED = 10 ** 9  # per-prompt statistics over the batch alone
+
+
+def check_store(path: Path) -> Store:
+    """A store holding the check's prompts (OnlineReward reads their texts there)."""
+    store = Store(path)
+    store.upsert("prompts", pa.Table.from_pylist([
+        dict(prompt_id=p, text=t, set="check", category=None, subcategory=None, source="check") for p, t in PROMPTS]))
+    return store
 
 
 def gradient(params) -> torch.Tensor:
@@ -87,12 +96,8 @@ def main() -> None:
     diffusion = Diffusion(generator.pipeline, args.denoise_steps, guidance=1.0)
     params = add_lora(diffusion.unet, rank=4, alpha=4.0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "store")
-        prompts = [(stable_id("check", t), t) for t in TEXTS]
-        store.upsert("prompts", pa.Table.from_pylist([
-            dict(prompt_id=p, text=t, set="check", category=None, subcategory=None, source="check")
-            for p, t in prompts]))
-        reward = OnlineReward("tiny-clip", store, prompts, device=args.device)
+        prompts = PROMPTS
+        reward = OnlineReward("tiny-clip", check_store(Path(tmp) / "store"), prompts, device=args.device)
         exact = [exact_gradient(diffusion, reward, prompts, params, args.exact_samples, seed, args.batch_size)
                  for seed in (100, 101)]
         cosine = torch.nn.functional.cosine_similarity

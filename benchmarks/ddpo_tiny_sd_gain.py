@@ -1,6 +1,6 @@
 """Check: does DDPO raise the reward of the trained tiny-sd, by samples per iteration and learning rate?
 
-    python3 benchmarks/ddpo_tiny_sd_gain.py --device cuda --samples 2048 8192 --learning-rates 1e-2 3e-2
+    python3 benchmarks/ddpo_tiny_sd_gain.py --device cuda --samples 1024 4096 16384 --seeds 0 1
     .venv/bin/python benchmarks/ddpo_tiny_sd_gain.py --samples 64 --steps 4 --seeds 0   # CPU smoke run
 
 For each setting and seed, `finetune` (the real DDPO loop, tasks/finetune.py) trains a LoRA adapter
@@ -20,30 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpo_gradient_check import PROMPTS, TEXTS, check_store  # noqa: E402
 from tasks.finetune import OnlineReward, finetune, paper_config  # noqa: E402
 from tia2.models.trained_tiny import trained_tiny_sd  # noqa: E402
-from tia2.store import Store, stable_id  # noqa: E402
-
-TEXTS = ["a photo of two cats", "three red apples on a table"]
-
-
-def make_store(path: Path) -> Store:
-    store = Store(path)
-    store.upsert("prompts", pa.Table.from_pylist([
-        dict(prompt_id=stable_id("check", t), text=t, set="check", category=None, subcategory=None, source="check")
-        for t in TEXTS]))
-    return store
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, nargs="+", default=[2048, 8192], help="trajectories per iteration")
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-2])
+    parser.add_argument("--samples", type=int, nargs="+", default=[8192],
+                        help="trajectories per iteration (default: the GPU test's)")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-2])
     parser.add_argument("--steps", type=int, default=30, help="DDPO iterations (optimizer steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batch-size", type=int, default=4096, help="trajectories per backward pass")
@@ -66,11 +55,10 @@ def main() -> None:
                 row = []
                 for sign in (1, -1):
                     with tempfile.TemporaryDirectory() as tmp:
-                        store = make_store(Path(tmp) / "store")
-                        prompts = [(stable_id("check", t), t) for t in TEXTS]
-                        reward = OnlineReward("tiny-clip", store, prompts, device=args.device)
+                        store = check_store(Path(tmp) / "store")
+                        reward = OnlineReward("tiny-clip", store, PROMPTS, device=args.device)
                         objective = reward if sign == 1 else (lambda images, ids: -reward(images, ids))
-                        final = finetune(store, copy.deepcopy(generator), config, prompts, objective).checkpoints[-1]
+                        final = finetune(store, copy.deepcopy(generator), config, PROMPTS, objective).checkpoints[-1]
                     # the evaluation scores the objective: tiny-clip's gain is sign × the objective's
                     row += [sign * (final.mean_reward - final.base_mean_reward), f"{final.wins}/{final.n_eval}"]
                 print(f"{n:>7} {lr:>6.0e} {seed:>4}  {row[0]:>+8.4f} {row[1]:>7}  {row[2]:>+13.4f} {row[3]:>7}  "

@@ -185,7 +185,8 @@ def test_ddpo_and_rwr_train_the_adapter(tmp_path, algo):
 # alike (tiny-clip -0.006 after training on the top-K, -0.008 on the bottom-K), and runs landed
 # within +-0.0006 of the base with no consistent sign over seeds. After a minute of denoising
 # pre-training the samples are, and RWR's gain is learnable: measured below.
-@pytest.fixture(scope="module")
+# session scope: built once per worker, whatever order the worker runs its tests in
+@pytest.fixture(scope="session")
 def trained_tiny_sd():
     """tiny-sd at 16 px after 800 denoising steps on 4 disc pictures per test prompt, and those
     pictures' latents; tests fine-tune copies of it."""
@@ -231,7 +232,7 @@ def test_rwr_raises_the_reward_of_a_trained_tiny_sd(tmp_path, trained_tiny_sd, s
     assert_gain_follows_tiny_clip(tmp_path, trained_tiny_sd[0], paper_config("rwr", "tiny-clip", **{**TINY, **settings}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_tiny_sd_on_gpu():
     from tia2.models.trained_tiny import trained_tiny_sd
 
