@@ -229,7 +229,8 @@ def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd)
 def test_rwr_raises_the_reward_of_a_trained_tiny_sd(tmp_path, trained_tiny_sd, seed):
     settings = dict(seed=seed, steps=60, checkpoint_every=30, learning_rate=3e-2, images_per_prompt=32, keep=2,
                     kl_beta=0.0, batch_size=8, eval_images_per_prompt=32)
-    assert_gain_follows_tiny_clip(tmp_path, trained_tiny_sd[0], paper_config("rwr", "tiny-clip", **{**TINY, **settings}))
+    assert_gain_follows_tiny_clip(tmp_path, trained_tiny_sd[0],
+                                  paper_config("rwr", "tiny-clip", **{**TINY, **settings}))
 
 
 @pytest.fixture(scope="session")
