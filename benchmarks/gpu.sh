@@ -5,6 +5,10 @@
 # Wheels in .whl/ (packages the machine lacks, e.g. diffusers, duckdb, open_clip_torch) are
 # installed to /tmp/site first; logs go to $OUT (or ./gpu-logs).
 set -o pipefail
+parts=${*:-generation finetune ddpo}
+for part in $parts; do
+  case $part in generation|finetune|ddpo) ;; *) echo "unknown part $part (use generation, finetune, ddpo)" >&2; exit 2 ;; esac
+done
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -12,7 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-for part in ${*:-generation finetune ddpo}; do
+for part in $parts; do
   case $part in
     generation)
       timeout "${GENERATION_SECONDS:-300}" python3 benchmarks/generation_bench.py --gpu 2>&1 | tee "$OUT/generation.log" ;;
@@ -28,6 +32,5 @@ for part in ${*:-generation finetune ddpo}; do
       timeout "${DDPO_GAIN_SECONDS:-200}" python3 benchmarks/ddpo_tiny_sd_gain.py --device cuda --steps 30 \
         --samples 1024 4096 16384 --learning-rates 3e-2 --seeds 0 2>&1 \
         | grep --line-buffered -v "fine-tuning (" | tee "$OUT/ddpo_gain.log" ;;
-    *) echo "unknown part $part (use generation, finetune, ddpo)" >&2; exit 2 ;;
   esac
 done
