@@ -216,10 +216,10 @@ def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd)
 
 
 # Measured on the trained tiny-sd, tiny-clip (per-image spread 0.01-0.02), 60 steps, top 2 of 32
-# images per prompt, β = 0, learning rate 3e-2, seeds 0-5: gains +0.0142, +0.0097, +0.0088,
-# +0.0076, +0.0066, +0.0091 (51, 51, 45, 41, 46, 50 of 64 images beat the base's); against the
-# negated reward tiny-clip fell by 0.0118, 0.0060, 0.0196, 0.0120, 0.0066, 0.0110. (Top 2 of 16:
-# +0.003 to +0.013.) DDPO on the same model is not learnable at CPU sample counts: its estimate of
+# images per prompt, β = 0, learning rate 3e-2, seeds 0-5: gains +0.0110, +0.0092, +0.0178,
+# +0.0076, +0.0066, +0.0133 (51, 48, 52, 42, 44, 51 of 64 images beat the base's); against the
+# negated reward tiny-clip fell by 0.0085, 0.0111, 0.0178, 0.0108, 0.0070, 0.0092. (Top 2 of 16,
+# before the adapter's initial weights came from the seed: +0.003 to +0.013.) DDPO on the same model is not learnable at CPU sample counts: its estimate of
 # the policy gradient points nowhere near the exact (reparameterised) gradient of the expected
 # reward from 32 to 512 samples (benchmarks/ddpo_gradient_check.py; RESULTS.md), and runs
 # drifted down at learning rates that move the adapter (1e-2, 32 samples an iteration: -0.015
