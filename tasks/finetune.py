@@ -462,6 +462,7 @@ class FinetuneResult:
     checkpoints: list[Checkpoint]  # this call's new checkpoints
     base_mean_reward: float
     selected_step: int | None
+    selected_wins: int | None  # the selected checkpoint's evaluation images that beat the base's
     seconds: float           # the whole call: data, training, checkpoints and their evaluation
     training_seconds: float  # the optimizer steps alone
 
@@ -541,7 +542,7 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
                                    [run]).fetchall()
     selected = select_checkpoint([s for s, _ in rows], [w for _, w in rows]) if rows else None
     return FinetuneResult(run, folder, config, identity, start_step, checkpoints, evaluation.base_mean, selected,
-                          time.perf_counter() - start_time, training_seconds)
+                          dict(rows).get(selected), time.perf_counter() - start_time, training_seconds)
 
 
 def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
@@ -841,9 +842,17 @@ def record_finetune(store: Store, model: str, config: FinetuneConfig, sets: list
 
 @dataclass
 class KlSweep:
-    chosen: float                       # the β picked by `choose_kl_coefficient`
-    runs: dict[float, FinetuneResult]   # one RWR run per β
-    wins: dict[float, int]              # each run's selected checkpoint's images that beat the base's
+    runs: dict[float, FinetuneResult]  # one RWR run per β
+
+    @property
+    def wins(self) -> dict[float, int]:
+        """Each run's selected checkpoint's images that beat the base's."""
+        return {beta: run.selected_wins for beta, run in self.runs.items()}
+
+    @property
+    def chosen(self) -> float:
+        """The β of the most wins (ties to the larger), the paper's rule."""
+        return choose_kl_coefficient(self.wins)
 
 
 def sweep_kl_coefficient(store: Store, model: str, config: FinetuneConfig, betas=KL_COEFFICIENTS,
@@ -853,8 +862,5 @@ def sweep_kl_coefficient(store: Store, model: str, config: FinetuneConfig, betas
     then the β whose chosen checkpoint beats the base model on the most images."""
     if config.algo != "rwr":
         raise UserError(f"the KL coefficient sweep is RWR's (got --algo {config.algo})")
-    runs = {beta: record_finetune(store, model, replace(config, kl_beta=beta), **record_options) for beta in betas}
-    wins = {beta: store.connect().execute("SELECT wins FROM finetune_checkpoints WHERE run = ? AND step = ?",
-                                          [result.run, result.selected_step]).fetchone()[0]
-            for beta, result in runs.items()}
-    return KlSweep(choose_kl_coefficient(wins), runs, wins)
+    return KlSweep({beta: record_finetune(store, model, replace(config, kl_beta=beta), **record_options)
+                    for beta in betas})

@@ -469,6 +469,9 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_weights(tmp_path)
     assert steps == [5, 10, 15, 20]
     again = train(resumed, "rwr", steps=20, checkpoint_every=5, images_per_prompt=4, keep=2, learning_rate=1e-2)
     assert again.checkpoints == [] and again.start_step == 20 and again.selected_step in steps
+    # selected from all four checkpoints, also those of earlier calls
+    wins = [c.wins for c in first.checkpoints + second.checkpoints]
+    assert again.selected_wins == max(wins) and again.selected_step == steps[wins.index(max(wins))]
 
 
 def test_adapter_loads_with_apply_lora_and_changes_the_images(tmp_path):
