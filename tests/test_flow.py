@@ -1,5 +1,6 @@
 """The tia2-benchmark flow run locally (ephemeral Prefect API, no server), and the console script."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROJECT
+from test_cache_policy import copy_project
 from tia2.store import Store
 from tia2.synthetic import synthetic_score_table
 from test_scoring import write_images
@@ -75,6 +77,44 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
 
     assert stages(first_run) == {"ingest-tia2", "contrast", "score", "metrics"}
     assert stages(second_run) == set()  # every stage was cached
+
+
+TWO_STAGES = """
+import json, sys
+from pathlib import Path
+
+from flows.tia2_benchmark import contrast_task, ingest_task
+from prefect import flow
+from tia2.store import Store
+
+store, source, edited = Store(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+
+@flow
+def two_stages():
+    root = str(store.root)
+    return [ingest_task(root, source, ("counting",), "source", store.store_id, None, return_state=True).name,
+            contrast_task(root, "rules", "prompts", None, return_state=True).name]
+
+
+print(json.dumps(two_stages()))
+edited.write_text(edited.read_text() + "\\nCHANGED = True\\n")
+print(json.dumps(two_stages()))
+"""
+
+
+def test_an_edit_of_a_stages_module_recomputes_that_stage_only(tmp_path, mini_release, flow_env):
+    """Two flow runs of a copy of the project, tasks/contrast.py edited between them."""
+    project = copy_project(tmp_path / "project")
+    script = tmp_path / "two_stages.py"
+    script.write_text(TWO_STAGES)
+    env = dict(flow_env["env"], PYTHONPATH=str(project))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(mini_release),
+                          str(project / "tasks" / "contrast.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = map(json.loads, out.stdout.splitlines()[-2:])
+    assert first == ["Completed", "Completed"] and second == ["Cached", "Completed"]
 
 
 def test_bad_profile_and_bad_setting_are_clear(tmp_path, flow_env):
