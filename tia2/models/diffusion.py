@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tia2.errors import UserError
 from tia2.models import ConfigRegistry
+from tia2.seeding import seeded_init
 
 GENERATORS = ConfigRegistry(Path(__file__).parent / "generators", "generator")
 list_generators = GENERATORS.names
@@ -42,7 +43,8 @@ def apply_lora(generator: Generator, path: str | Path) -> Generator:
     if not file.is_file():
         raise UserError(f"no LoRA adapter at {file} (expected pytorch_lora_weights.safetensors)")
     try:
-        generator.pipeline.load_lora_weights(str(file.parent), weight_name=file.name)
+        with seeded_init(0):  # the LoRA layers' initial weights, overwritten by the file's
+            generator.pipeline.load_lora_weights(str(file.parent), weight_name=file.name)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{file}: not a LoRA adapter for {generator.name}: {str(exc).splitlines()[0]}") from exc
     generator.lora = weights_identity(file.name, file)
@@ -62,6 +64,28 @@ def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, devic
     scaled-dot-product kernel (diffusers' default with torch 2)."""
     import torch
 
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if dtype != "fp32" and not str(device).startswith("cuda"):
+        raise UserError(f"--dtype {dtype} needs a GPU (--device cuda)")
+    config = generator_config(name)
+    weights = GENERATORS.weights_source(name, config["hf_repo"] is not None, weights)
+    with seeded_init(seed):
+        pipeline, identity = _build_pipeline(name, config, weights, seed)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline = pipeline.to(device) if dtype == "fp32" else pipeline.to(device, getattr(torch, DTYPES[dtype]))
+    if channels_last:
+        pipeline.unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipeline.unet = torch.compile(pipeline.unet)
+    return Generator(name=name, identity=identity, pipeline=pipeline)
+
+
+def _build_pipeline(name: str, config: dict, weights: str, seed: int):
+    """The pipeline on the CPU in fp32 and its identity: composed from random-weight components,
+    or loaded from a diffusers folder."""
+    import torch
+
     with _LAZY_IMPORT:
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -69,35 +93,19 @@ def create_pipeline(name: str, weights: str = "pretrained", seed: int = 0, devic
     from tia2.models.base import folder_weights_file, resolve_weights_folder, weights_identity
     from tia2.models.clip_family import clip_bpe_tokenizer
 
-    config = generator_config(name)
-    weights = GENERATORS.weights_source(name, config["hf_repo"] is not None, weights)
     if weights == "random":
-        torch.manual_seed(seed)
         scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
         pipeline = StableDiffusionPipeline(
             vae=AutoencoderKL(**config["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
             tokenizer=clip_bpe_tokenizer(), unet=UNet2DConditionModel(**config["unet"]),
             scheduler=DDIMScheduler(**scheduler_config), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
-        identity = f"random-init:{seed}"
-    else:
-        released = {"hf_repo": config["hf_repo"],
-                    "files": ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors",
-                              "text_encoder/*.safetensors"]}
-        folder = resolve_weights_folder(name, released, weights) if weights == "pretrained" else Path(weights)
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{name}: {folder} is not a diffusers pipeline folder (no model_index.json)")
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
-                                                           requires_safety_checker=False)
-        identity = weights_identity(config["hf_repo"], folder_weights_file(folder / "unet"))
-    pipeline.set_progress_bar_config(disable=True)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
-    if dtype != "fp32" and not str(device).startswith("cuda"):
-        raise UserError(f"--dtype {dtype} needs a GPU (--device cuda)")
-    pipeline = pipeline.to(device) if dtype == "fp32" else pipeline.to(device, getattr(torch, DTYPES[dtype]))
-    if channels_last:
-        pipeline.unet.to(memory_format=torch.channels_last)
-    if compile_unet:
-        pipeline.unet = torch.compile(pipeline.unet)
-    return Generator(name=name, identity=identity, pipeline=pipeline)
+        return pipeline, f"random-init:{seed}"
+    released = {"hf_repo": config["hf_repo"],
+                "files": ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]}
+    folder = resolve_weights_folder(name, released, weights) if weights == "pretrained" else Path(weights)
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{name}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
+    return pipeline, weights_identity(config["hf_repo"], folder_weights_file(folder / "unet"))
