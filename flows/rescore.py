@@ -38,13 +38,17 @@ def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
     with stage_run("tia2-rescore", {"config": config, "reward_models": settings.get("reward_models", [])},
                    tags=tags) as parent:
         parent_id = parent.info.run_id
+        superseded = {}
         for name in settings.get("reward_models", []):
             report = score_all(store, name, settings.get("weights", "pretrained"), settings.get("device", "cpu"),
                                settings.get("batch_size", 32), settings.get("score_shards", 1), parent_id)
+            superseded[name] = report["rows_superseded"]
             logger.info("score: %s", report)
         after = score_counts(store)
+        # rows_recomputed: rows of older scoring code, replaced by the current version's
         changed = [{"reward_model": model, "rows_before": before.get(model, 0), "rows_after": n,
-                    "rows_added": n - before.get(model, 0)} for model, n in sorted(after.items())]
+                    "rows_added": n - before.get(model, 0),
+                    "rows_recomputed": superseded.get(model, 0)} for model, n in sorted(after.items())]
         if rewards:
             store_key = store.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             metrics_task(root, tuple(rewards), tuple(settings.get("sets", SETS)), store_key, parent_id)

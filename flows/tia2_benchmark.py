@@ -3,8 +3,9 @@ prompts without any → image generation and image files → scoring with reward
 import → metrics of reward specs → HTML report (MLflow, linked from a Prefect artifact).
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
-its source and the state of the store it reads (the store's id and a fingerprint of the tables),
-so an unchanged re-run reports every stage Cached, and a changed table recomputes what reads it.
+the code it runs (`StageCode`, flows/common.py) and the state of the store it reads (the store's
+id and a fingerprint of the tables), so an unchanged re-run reports every stage Cached, and a
+changed table or module recomputes what reads it.
 Runs locally with no server (`tia2 benchmark --config tiny`) or as the `tia2-benchmark`
 deployment (prefect.yaml).
 """
@@ -103,7 +104,7 @@ def score_task(store_root: str, reward_model: str, weights: str, device: str, ba
     report = record_score(Store(store_root), reward_model, weights, batch_size=batch_size, device=device,
                           parent_run_id=parent_run_id, show_progress=False, shard=shard)
     return {"reward_model": reward_model, "images": report.images, "rows_added": report.rows_added,
-            "failures": len(report.failures), "seconds": report.seconds}
+            "rows_superseded": report.rows_superseded, "failures": len(report.failures), "seconds": report.seconds}
 
 
 def score_all(store: Store, reward_model: str, weights: str, device: str, batch_size: int, shards: int,
@@ -117,6 +118,7 @@ def score_all(store: Store, reward_model: str, weights: str, device: str, batch_
         [(i, shards) for i in range(shards)])]
     images, seconds = sum(r["images"] for r in reports), sum(r["seconds"] for r in reports)
     return {"reward_model": reward_model, "images": images, "rows_added": sum(r["rows_added"] for r in reports),
+            "rows_superseded": sum(r["rows_superseded"] for r in reports),
             "failures": sum(r["failures"] for r in reports), "shards": shards,
             "images_per_second": round(images / seconds, 2) if seconds else 0.0}
 

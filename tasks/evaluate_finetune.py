@@ -257,7 +257,7 @@ def _score(store: Store, names: list[str], sets: list[str], weights: str, device
     versions, added = {}, 0
     for name in names:
         model = create_reward_model(name, weights=weights, device=device)
-        versions[name] = model.identity
+        versions[name] = model.version
         added += score_images(store, model, sets, batch_size).rows_added
         del model
     return versions, added

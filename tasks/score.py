@@ -156,11 +156,25 @@ def pending_pairs(store: Store, reward_model: str, model_version: str,
     ).df()
 
 
+def remove_superseded_scores(store: Store, model) -> int:
+    """Delete the rows that older scoring code (an earlier scorer revision, or none: rows from
+    before revisions were recorded) made with the same weights, where this model's version has
+    recomputed them: a score is what the current code computes, and one version per model keeps
+    specs unambiguous. Rows not yet recomputed (a run killed half-way) stay until they are."""
+    return store.delete_rows("scores", """
+        reward_model = $model AND model_version <> $version
+        AND (model_version = $identity OR starts_with(model_version, $identity || '/scorer-'))
+        AND (image_id, text) IN (SELECT image_id, text FROM scores
+                                 WHERE reward_model = $model AND model_version = $version)""",
+        {"model": model.name, "version": model.version, "identity": model.identity})
+
+
 @dataclass
 class ScoreReport:
     images: int = 0
     rows_added: int = 0
     failures: list = field(default_factory=list)   # (image_id, reason)
+    rows_superseded: int = 0  # rows of the same weights by older scoring code, now recomputed
     seconds: float = 0.0
 
     @property
@@ -169,11 +183,13 @@ class ScoreReport:
 
 
 def _load_image(path: str):
+    """The decoded image in its own mode: each model converts it to RGB where its official
+    preprocessing does (some resize first, which differs for RGBA and palette images)."""
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
-        return image.convert("RGB")
+        return image
 
 
 def score_images(store: Store, model, sets: list[str] | None = None, batch_size: int = 32,
@@ -186,7 +202,7 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
 
     from tia2.progress import progress_bar
 
-    pending = pending_pairs(store, model.name, model.identity, sets, shard)
+    pending = pending_pairs(store, model.name, model.version, sets, shard)
     by_image = list(pending.groupby("image_id", sort=False))
     report = ScoreReport()
     device = next(model.parameters()).device
@@ -210,17 +226,18 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
                     scores = model.score_encoded(features, torch.tensor(pairs_image, device=device), pairs_text)
                 rows = pa.table({
                     "image_id": image_ids, "text": pairs_text, "reward_model": [model.name] * len(image_ids),
-                    "model_version": [model.identity] * len(image_ids), "score": scores.cpu().double().numpy(),
+                    "model_version": [model.version] * len(image_ids), "score": scores.cpu().double().numpy(),
                     "run_id": pa.array([run_id] * len(image_ids), pa.string()),
                     "scored_at": pa.array([datetime.now(timezone.utc)] * len(image_ids), TIMESTAMP)})
                 report.rows_added += store.append_missing("scores", rows, compare="score").added
                 report.images += len(images)
             report.seconds = time.perf_counter() - start
             advance(len(batch), report.images_per_second)
+    report.rows_superseded = remove_superseded_scores(store, model)
     if report.failures:
         now = datetime.now(timezone.utc)
         store.upsert("score_failures", pa.Table.from_pylist([
-            dict(image_id=i, reward_model=model.name, model_version=model.identity, reason=r, failed_at=now)
+            dict(image_id=i, reward_model=model.name, model_version=model.version, reason=r, failed_at=now)
             for i, r in report.failures]))
     return report
 
@@ -241,10 +258,11 @@ def record_score(store: Store, model_name: str, weights: str = "pretrained", set
     model = create_reward_model(model_name, weights=weights, seed=seed, device=device)
     if fp16:
         model = model.half()
-    params = {"reward_model": model.name, "model_version": model.identity, "sets": sets or "all",
+    params = {"reward_model": model.name, "model_version": model.version, "sets": sets or "all",
               "batch_size": batch_size, "device": device, "fp16": fp16, "shard": f"{shard[0]}/{shard[1]}"}
     with stage_run("score", params, parent_run_id) as run:
         report = score_images(store, model, sets, batch_size, run.info.run_id, show_progress, shard)
         mlflow.log_metrics({"images": report.images, "rows_added": report.rows_added,
+                            "rows_superseded": report.rows_superseded,
                             "failures": len(report.failures), "images_per_second": report.images_per_second})
     return report

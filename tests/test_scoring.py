@@ -97,7 +97,7 @@ def test_score_writes_caption_and_contrast_rows_once(image_store, capsys):
     con = image_store.connect()
     rows = con.execute("SELECT count(*), count(DISTINCT (image_id, text)) FROM scores").fetchall()[0]
     assert rows == (16 * 4, 16 * 4)
-    assert pending_pairs(image_store, "tiny-clip", "random-init:0").empty
+    assert pending_pairs(image_store, "tiny-clip", create_reward_model("tiny-clip").version).empty
     assert main(["score", "--reward-model", "tiny-clip", "--store", str(image_store.root)]) == 0
     assert "scored 0 images, 0 new score rows" in capsys.readouterr().out
     # The scores feed TextNorm directly.

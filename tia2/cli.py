@@ -142,6 +142,8 @@ def cmd_score(args) -> int:
                           args.batch_size, args.device, args.fp16, args.seed)
     print(f"{args.reward_model}: scored {report.images} images, {report.rows_added} new score rows, "
           f"{report.images_per_second:.1f} images/s")
+    if report.rows_superseded:
+        print(f"{report.rows_superseded} rows of older scoring code replaced by the current version's")
     if report.failures:
         print(f"{len(report.failures)} images could not be scored (table score_failures), e.g.:", file=sys.stderr)
         for image_id, reason in report.failures[:5]:

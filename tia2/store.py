@@ -476,6 +476,28 @@ class Store:
                     self.refresh_catalog()
         return AppendResult(added=fresh.num_rows, already_present=rows.num_rows - fresh.num_rows)
 
+    def delete_rows(self, table: str, where: str, params: dict) -> int:
+        """Remove the rows of an append-only table that match `where` (SQL over the part, as
+        `rows`; it may read the table's view too) and return how many. Each part that holds such
+        rows is rewritten atomically; the others are left untouched."""
+        assert TABLES[table].append_only
+        removed = 0
+        with self.lock(table), self.connect() as con:
+            for part in self._parts(table):
+                path = str(part).replace("'", "''")
+                con.execute(f"CREATE OR REPLACE TEMP VIEW rows AS SELECT * FROM read_parquet('{path}')")
+                doomed = con.execute(f"SELECT count(*) FROM rows WHERE {where}", params).fetchall()[0][0]
+                if doomed:
+                    kept = con.sql(f"SELECT * FROM rows WHERE NOT ({where})", params=params).to_arrow_table()
+                    if kept.num_rows:
+                        self._write_file(part, kept.cast(TABLES[table].schema))
+                    else:
+                        part.unlink()
+                    removed += doomed
+            if removed and not self._parts(table):
+                self.refresh_catalog()
+        return removed
+
     @staticmethod
     def _write_file(path: Path, table: pa.Table) -> None:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -6,12 +6,17 @@ Released weights: the image tower of `openai/clip-vit-large-patch14` (transforme
 `sac+logos+ava1-l14-linearMSE` as `trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth`.
 The score judges the image alone: every text of an image gets the same value. A local copy
 (`--weights DIR`): DIR/aesthetic-model.pth and the CLIP folder as DIR/clip.
+
+Preprocessing: transformers' PIL image processor (`CLIPImageProcessorPil`), which gives the
+bytes of ddpo-pytorch's scorer (`CLIPProcessor` of transformers 4.30, on uint8 RGB tensors).
+That scorer takes RGB only; other modes go through Pillow's plain `convert("RGB")` first (alpha
+dropped, not composited), as that processor did with a PIL image.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from tia2.errors import UserError
 from tia2.models.base import (RewardModel, folder_weights_file, resolve_weights_file,
@@ -23,15 +28,14 @@ class AestheticRewardModel(RewardModel):
         super().__init__()
         self.name = name
         arch, pre = config["arch"], config["preprocess"]
-        torch.manual_seed(seed)
         if weights == "random":
             self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch["vision"]))
-            self.use_image_processor(CLIPImageProcessor(**pre["image_processor"]))
+            self.use_image_processor(CLIPImageProcessorPil(**pre["image_processor"]))
         else:
             folder = resolve_weights_folder(name, config["clip"], "pretrained" if weights == "pretrained"
                                             else f"{weights}/clip")
             self.clip = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=torch.float32)
-            self.use_image_processor(CLIPImageProcessor.from_pretrained(folder))
+            self.use_image_processor(CLIPImageProcessorPil.from_pretrained(folder))
         self.mlp = reward_head(self.clip.config.projection_dim, arch["head_dims"])
         if weights == "random":
             self.identity = f"random-init:{seed}"

@@ -19,16 +19,33 @@ class RewardModel(torch.nn.Module):
 
     name: str
     identity: str  # weights identity: "<source>@sha256:<12 hex>" or "random-init:<seed>"
+    # The revision of the scoring code (preprocessing, tokenisation, score formula). Bump it with
+    # any change that moves a score, so that stored scores of older code are recomputed, not
+    # kept (README, "Scorer revisions"). 2: the official preprocessing of each model (issue 14).
+    scorer_revision = 2
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    square_resize = False  # True: resize to image_size², no crop (BLIP); else short side + crop
+    # How `preprocess` fits an image into image_size², which `preprocess_tensor` follows:
+    # "crop": shortest side to image_size, then centre crop (CLIP, ImageReward, PickScore);
+    # "squash": resized to image_size² whatever its aspect ratio (BLIP-2);
+    # "pad": longest side to image_size, then zero padding, centred (HPSv2).
+    geometry = "crop"
 
     image_processor = None  # a transformers image processor, for the models whose reference uses one
+
+    @property
+    def version(self) -> str:
+        """A stored score's `model_version`: the weights and the scoring code that made it."""
+        return f"{self.identity}/scorer-{self.scorer_revision}"
 
     def use_image_processor(self, processor) -> None:
         """Preprocess with a transformers image processor, the reference's own."""
         self.image_processor = processor
+        # `preprocess` has Pillow convert to RGB first, as the references did (transformers 4,
+        # LAVIS); transformers 5's own conversion would then composite onto white the transparent
+        # colour that Pillow keeps in the converted image's info (palette PNGs with one, say).
+        processor.do_convert_rgb = False
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
         self.image_size = size["height"]
         self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
@@ -42,13 +59,18 @@ class RewardModel(torch.nn.Module):
 
     def preprocess_tensor(self, images01: torch.Tensor) -> torch.Tensor:
         """Differentiable preprocessing of a [B, 3, H, W] batch in [0, 1] (decoded latents, for
-        ReFL), matching `preprocess`: bicubic antialiased resize (and centre crop), normalise."""
-        if self.square_resize:
-            x = TF.resize(images01, [self.image_size, self.image_size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=True)
+        ReFL), with `preprocess`'s geometry: bicubic antialiased resize, then centre crop,
+        nothing, or zero padding (0 before normalising, as HPSv2 pads), then normalise."""
+        size = self.image_size
+        if self.geometry == "crop":
+            x = TF.resize(images01, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = TF.center_crop(x, [size, size])
+        elif self.geometry == "squash":
+            x = TF.resize(images01, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        elif self.geometry == "pad":
+            x = resize_longest_side_and_pad(images01, size)
         else:
-            x = TF.resize(images01, [self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-            x = TF.center_crop(x, [self.image_size, self.image_size])
+            raise ValueError(f"{self.name}: unknown geometry {self.geometry!r}")
         return TF.normalize(x, list(self.mean), list(self.std))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -80,6 +102,20 @@ class DualEncoderRewardModel(RewardModel):
         text_index = torch.tensor([position[t] for t in texts], device=image_features.device)
         text_features = self.encode_texts(distinct)
         return self.score_scale() * (image_features[image_index] * text_features[text_index]).sum(-1)
+
+
+def resize_longest_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's `ResizeMaxSize` on a float [..., H, W] tensor: the longest side to `size`
+    (bicubic; antialiased, torchvision's default since 0.17, which HPSv2's call keeps), the
+    other side rounded as it rounds, then zero padding to size², the odd pixel at the bottom /
+    right. One difference, on purpose: an image whose longest side is already `size` is padded
+    too (HPSv2 returns it unpadded, and its model then cannot take it)."""
+    height, width = images.shape[-2:]
+    scale = size / float(max(height, width))
+    new_height, new_width = round(height * scale), round(width * scale)
+    x = TF.resize(images, [new_height, new_width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    pad_h, pad_w = size - new_height, size - new_width
+    return TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
 
 
 def reward_head(width: int, dims: list[int]) -> torch.nn.Sequential:

@@ -68,6 +68,10 @@ def map_release_state_dict(state: dict) -> dict:
     return mapped
 
 
+def convert_to_rgb(image):
+    return image.convert("RGB")
+
+
 class ImageRewardModel(RewardModel):
     def __init__(self, name: str, config: dict, weights: str, seed: int):
         super().__init__()
@@ -82,7 +86,6 @@ class ImageRewardModel(RewardModel):
             beside = weights if weights == "pretrained" or Path(weights).is_dir() else str(Path(weights).parent)
             med_path = resolve_weights_file(name, {**released, "filename": released["config_filename"]}, beside)
             text_args = text_config_from_med(json.loads(med_path.read_text()), vision_config.hidden_size)
-        torch.manual_seed(seed)
         self.vision = BlipVisionModel(vision_config)
         self.text = BlipTextModel(BlipTextConfig(**text_args), add_pooling_layer=False)
         self.head = reward_head(text_args["hidden_size"], arch["head_dims"])
@@ -103,13 +106,15 @@ class ImageRewardModel(RewardModel):
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
         self.max_length = pre["max_length"]
         self.reward_mean, self.reward_std = config["score"]["mean"], config["score"]["std"]
+        # ImageReward's `_transform`: resized and cropped in the image's own mode, RGB after
+        # (Pillow resizes RGBA premultiplied and palette images with NEAREST: the order matters)
         self.transform = transforms.Compose([
             transforms.Resize(self.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(self.image_size), transforms.ToTensor(),
+            transforms.CenterCrop(self.image_size), convert_to_rgb, transforms.ToTensor(),
             transforms.Normalize(self.mean, self.std)])
 
     def preprocess(self, images) -> torch.Tensor:
-        return torch.stack([self.transform(image.convert("RGB")) for image in images])
+        return torch.stack([self.transform(image) for image in images])
 
     def encode_images(self, pixels):
         return self.vision(pixel_values=pixels).last_hidden_state
