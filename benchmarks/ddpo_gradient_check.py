@@ -94,7 +94,7 @@ def main() -> None:
     generator, _ = trained_tiny_sd(TEXTS, size=args.size, device=args.device)
     print(f"pre-trained tiny-sd at {args.size} px in {time.perf_counter() - started:.0f} s", flush=True)
     diffusion = Diffusion(generator.pipeline, args.denoise_steps, guidance=1.0)
-    params = add_lora(diffusion.unet, rank=4, alpha=4.0)
+    params = add_lora(diffusion.unet, rank=4, alpha=4.0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = PROMPTS
         reward = OnlineReward("tiny-clip", check_store(Path(tmp) / "store"), prompts, device=args.device)

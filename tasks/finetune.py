@@ -4,7 +4,8 @@ Three algorithms, one loop shape (a step is one optimizer update):
 
 - ``rwr`` reward-weighted regression (TextNorm paper eq. 4, after Lee et al. 2023): per prompt the
   base model makes N images (paper 100), the top K (paper 10) by the reward form the data set, and
-  the LoRA weights minimise  E[w · ||ε̂_θ − target||²] + β · E[||ε̂_θ − ε̂_θ0||²].
+  the LoRA weights minimise  E[w · ||ε̂_θ − target||²] + β · E[||ε̂_θ − ε̂_θ0||²]  (the target
+  is the UNet's parametrisation, ε or v; the penalty compares noise predictions ε whatever it is).
   The weight w is the reward when the spec's values lie in [0, 1] (TextNorm's do), else the reward
   min-max normalised over the generated pool (ImageReward paper, Appendix E, reproducing Lee et al.).
   Eq. 4's β log(p_θ/p_θ0) is the KL regulariser of Fan et al. 2023, which the paper cites: for two
@@ -15,10 +16,14 @@ Three algorithms, one loop shape (a step is one optimizer update):
 - ``ddpo`` (TextNorm eq. 5, Black et al. 2023, the DDPO-IS loop of ddpo-pytorch / trl): DDIM
   sampling with eta > 0 and the log-probability of every step (`ddim_step_with_logprob`), rewards
   normalised per prompt (`PerPromptStats`), a PPO-clipped policy gradient summed over timesteps,
-  one gradient update per iteration (Table 4). Like trl's defaults that the paper used, no KL term.
+  one gradient update per iteration (Table 4). Like trl's defaults that the paper used, no KL term;
+  like trl, each step reports the approximate KL to the sampling policy and the clipped fraction.
 - ``refl`` (ImageReward Algorithm 1): denoise without gradients to a random step in
   [refl_start, refl_end] of T steps (paper: T = 40, gradient step after 30..39 steps), one step
-  with gradients, predict x0, decode with the VAE, reward through the differentiable spec;
+  with gradients, predict x0, decode with the VAE, reward through the differentiable spec
+  (`refl_sampler`: "ddpm", the default, samples as ImageReward's ReFL.py does, stochastic DDPM
+  steps on the conditional UNet output without guidance; "ddim" with deterministic DDIM and
+  classifier-free guidance);
   loss λ·ReLU(margin − r) (λ = 1e-3; margin 2 as in the ImageReward code) plus the pre-training
   denoising loss on (caption, image) pairs: the store's images of the training prompts, or, when
   the store has none, images the base model makes at the start. Algorithm 1 updates twice per
@@ -26,7 +31,8 @@ Three algorithms, one loop shape (a step is one optimizer update):
 
 Checkpoints go to ``<store>/adapters/<algo>-<run key>/step-NNNNNN/``: the adapter in diffusers'
 format (``pytorch_lora_weights.safetensors``, what `tia2.models.diffusion.apply_lora` loads) and
-``training_state.pt`` (LoRA and optimizer state, the training RNG, DDPO's per-prompt statistics).
+``training_state.pt`` (LoRA and optimizer state, the training RNG, DDPO's per-prompt statistics,
+fp16's loss scale).
 The run key hashes everything but the step targets, so re-running a command continues from its last
 checkpoint. Every checkpoint is evaluated on the training prompts with fixed seeds against the base
 model's images of the same seeds (wins, mean reward) and recorded in ``finetune_checkpoints``;
@@ -35,6 +41,7 @@ model's images of the same seeds (wins, mean reward) and recorded in ``finetune_
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -47,10 +54,14 @@ import torch
 
 from tia2.errors import UserError
 from tia2.progress import progress_bar
+from tia2.seeding import seeded_init
 from tia2.specs import Mean, Model, Spec, TextNorm, UncertaintyRegularized, parse_spec
 from tia2.store import Store, stable_id
 
 ALGORITHMS = ("rwr", "ddpo", "refl")
+REFL_SAMPLERS = ("ddpm", "ddim")
+MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 KL_COEFFICIENTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # TextNorm paper, Appendix A.2
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -92,11 +103,15 @@ class FinetuneConfig:
     refl_margin: float = 2.0
     refl_start: int = 30
     refl_end: int = 39
+    # the UNet calls of the reward branch: "ddpm" as ReFL.py (stochastic DDPM steps, the conditional
+    # output alone, at the gradient step too), "ddim" deterministic DDIM with guidance `guidance`
+    refl_sampler: str = "ddpm"
     pretrain_images_per_prompt: int = 4
     # checkpoint evaluation: images per training prompt, fixed seeds
     eval_images_per_prompt: int = 4
-    # execution: "bf16" runs the UNet and VAE under bf16 autocast (LoRA weights and optimizer stay
-    # fp32); gradient checkpointing trades UNet recomputation for activation memory (same result)
+    # execution: "bf16" or "fp16" (the papers') runs the UNet and VAE under autocast (LoRA weights and
+    # optimizer stay fp32; fp16 scales the loss against underflowing gradients); gradient
+    # checkpointing trades UNet recomputation for activation memory (same result)
     mixed_precision: str = "fp32"
     gradient_checkpointing: bool = False
 
@@ -146,8 +161,10 @@ def _check(c: FinetuneConfig) -> None:
                         f"(got {c.refl_start}, {c.refl_end}, {c.denoise_steps})")
     if c.eta <= 0 and c.algo == "ddpo":
         problems.append("DDPO needs eta > 0 (a stochastic sampler has step log-probabilities)")
-    if c.mixed_precision not in ("fp32", "bf16"):
-        problems.append(f"mixed_precision must be fp32 or bf16 (got {c.mixed_precision!r})")
+    if c.mixed_precision not in MIXED_PRECISIONS:
+        problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)} (got {c.mixed_precision!r})")
+    if c.refl_sampler not in REFL_SAMPLERS:
+        problems.append(f"refl_sampler must be one of {', '.join(REFL_SAMPLERS)} (got {c.refl_sampler!r})")
     if c.kl_beta < 0 or c.learning_rate <= 0:
         problems.append("kl_beta must be >= 0 and learning_rate > 0")
     if problems:
@@ -176,8 +193,10 @@ def choose_kl_coefficient(wins_by_beta: dict[float, int]) -> float:
 # --- the online reward ---------------------------------------------------------------------------
 def textnorm_probability(caption: torch.Tensor, contrast: torch.Tensor, tau: float) -> torch.Tensor:
     """TextNorm (eq. 1) for a batch: exp(r0/τ) / (exp(r0/τ) + Σ exp(r_i/τ)). `contrast` is
-    [B, M], padded with -inf where an image's caption has fewer than M contrast prompts."""
-    logits = torch.cat([caption[:, None], contrast], dim=1) / tau
+    [B, M], padded with -inf where an image's caption has fewer than M contrast prompts. The
+    contrast scores are sorted first, so the value depends only on their multiset (as in
+    tasks/rewards.py)."""
+    logits = torch.cat([caption[:, None], contrast.sort(dim=1).values], dim=1) / tau
     return torch.exp(logits[:, 0] - torch.logsumexp(logits, dim=1))
 
 
@@ -196,8 +215,8 @@ class OnlineReward:
         self.models = {}
         for model in sorted(self.spec.models(), key=str):
             reward_model = create_reward_model(model.name, weights=weights, device=device).requires_grad_(False)
-            if model.version is not None and model.version != reward_model.identity:
-                raise UserError(f"{model}: the model built here is version {reward_model.identity}")
+            if model.version is not None and model.version != reward_model.version:
+                raise UserError(f"{model}: the model built here is version {reward_model.version}")
             self.models[model.name] = reward_model
         self.contrasts = {method: _contrast_prompts(store, prompts, method) for method in _textnorm_methods(self.spec)}
 
@@ -234,7 +253,8 @@ class OnlineReward:
                 padded[i, :len(c)] = scores[first + 1:first + 1 + len(c)]
                 first += 1 + len(c)
             return textnorm_probability(torch.stack(caption), padded, spec.tau)
-        parts = torch.stack([self._value(p, images01, prompt_ids, features) for p in spec.parts])
+        # sorted per image, so the value depends only on the multiset of member values (as offline)
+        parts = torch.stack([self._value(p, images01, prompt_ids, features) for p in spec.parts]).sort(dim=0).values
         mean = parts.mean(dim=0)
         if isinstance(spec, Mean):
             return mean
@@ -270,16 +290,20 @@ def _contrast_prompts(store: Store, prompts: list[tuple[str, str]], method: str)
 
 
 # --- diffusion pieces --------------------------------------------------------------------------
-def predict_x0_and_noise(scheduler, model_output: torch.Tensor, t: int, sample: torch.Tensor):
-    """The scheduler's prediction of x0 and of the noise from a UNet output at timestep t
-    (epsilon or v parametrisation)."""
-    alpha = scheduler.alphas_cumprod[t].to(sample)
+def predict_x0_and_noise(scheduler, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor):
+    """The scheduler's prediction of x0 and of the noise ε from a UNet output at timestep t (one
+    for the batch or one per sample), whatever the UNet predicts (ε, v or x0)."""
+    alpha = scheduler.alphas_cumprod[torch.as_tensor(t).cpu()].to(sample)
+    alpha = alpha.reshape(-1, *[1] * (sample.ndim - 1))  # broadcasts over each sample's values
     if scheduler.config.prediction_type == "epsilon":
         eps = model_output
         x0 = (sample - (1 - alpha).sqrt() * eps) / alpha.sqrt()
     elif scheduler.config.prediction_type == "v_prediction":
         x0 = alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
         eps = alpha.sqrt() * model_output + (1 - alpha).sqrt() * sample
+    elif scheduler.config.prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
     else:
         raise UserError(f"unsupported prediction type {scheduler.config.prediction_type!r}")
     return x0, eps
@@ -291,9 +315,11 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, t: int, sample
     log-probability of x_{t-1} per sample (mean over latent dimensions, as ddpo-pytorch). Given
     `prev_sample`, scores that sample instead of drawing one (the PPO ratio)."""
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    prev_t = t - step
+    # the last step goes to timestep 0, as in trl and ddpo-pytorch: `set_alpha_to_one`'s ᾱ = 1 there
+    # would make the step deterministic (zero variance, NaN log-probabilities)
+    prev_t = max(t - step, 0)
     alpha = scheduler.alphas_cumprod[t].to(sample)
-    alpha_prev = (scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod).to(sample)
+    alpha_prev = scheduler.alphas_cumprod[prev_t].to(sample)
     x0, eps = predict_x0_and_noise(scheduler, model_output, t, sample)
     variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
     std = eta * variance.sqrt()
@@ -308,16 +334,20 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, t: int, sample
 
 class Diffusion:
     """The pieces of a Stable Diffusion pipeline that training uses: text embeddings (frozen
-    encoder, cached), guided UNet outputs, decoding, seeded sampling and the denoising loss."""
+    encoder, cached), guided UNet outputs, decoding, seeded sampling, the denoising loss and the
+    backward pass (with fp16's loss scaling)."""
 
     def __init__(self, pipeline, denoise_steps: int, guidance: float, mixed_precision: str = "fp32"):
         self.pipe, self.unet, self.vae = pipeline, pipeline.unet, pipeline.vae
-        self.bf16 = mixed_precision == "bf16"
         self.scheduler = pipeline.scheduler
         self.scheduler.set_timesteps(denoise_steps)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         self.guidance = guidance
         self.device = pipeline.device
+        self.autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision)
+        # fp16's narrow range flushes small gradients to zero: the loss is scaled up for the backward
+        # pass, as the papers' code does through accelerate (a pass-through otherwise)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=mixed_precision == "fp16")
         self._embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         size = self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, size, size)
@@ -352,7 +382,20 @@ class Diffusion:
         return (images / 2 + 0.5).clamp(0, 1)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of `loss` (scaled under fp16; `_update` unscales them)."""
+        self.scaler.scale(loss).backward()
+
+    @functools.cached_property
+    def ddpm(self):
+        """The stochastic DDPM sampler on the same noise schedule and timesteps (ReFL.py's)."""
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(len(self.timesteps))
+        return scheduler
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(s))
@@ -376,7 +419,8 @@ class Diffusion:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         t = t.to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else \
+        prediction_type = self.scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else latents if prediction_type == "sample" else \
             self.scheduler.get_velocity(latents, noise, t)
         return noisy, t, target
 
@@ -385,13 +429,14 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).mean(dim=tuple(range(1, a.ndim)))
 
 
-def add_lora(unet, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+def add_lora(unet, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
     """A LoRA adapter on the UNet's attention projections; the base weights stay frozen. The
-    adapter starts as the identity (B = 0), so step 0 is the base model."""
+    adapter starts as the identity (B = 0), so step 0 is the base model; its A comes from `seed`."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGETS))
+    with seeded_init(seed):
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGETS))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -488,23 +533,22 @@ def training_prompts(store: Store, sets: list[str] | None, max_prompts: int | No
 
 
 def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tuple[str, str]],
-             reward: OnlineReward, on_checkpoint=None) -> FinetuneResult:
+             reward: OnlineReward, on_checkpoint=None, on_step=None) -> FinetuneResult:
     """Train (or continue training) a LoRA adapter on `generator`'s UNet up to `config.steps`,
-    writing a checkpoint every `config.checkpoint_every` steps and at the end. `on_checkpoint(c)`
-    is called after each is written (the MLflow logging)."""
+    writing a checkpoint every `config.checkpoint_every` steps and at the end. `on_step(step,
+    metrics)` is called after each optimizer step (its loss; DDPO's approx_kl and clipfrac too),
+    `on_checkpoint(c)` after each checkpoint is written (the MLflow logging)."""
     start_time = time.perf_counter()
     identity = f"{generator.name}@{generator.identity}"
-    # the reward models' versions too: the same spec over other weights is another objective
-    rewards = sorted(f"{name}@{model.identity}" for name, model in getattr(reward, "models", {}).items())
+    # the reward models' versions too: the same spec over other weights or scoring code is another objective
+    rewards = sorted(f"{name}@{model.version}" for name, model in getattr(reward, "models", {}).items())
     run = run_key(config, identity, [p for p, _ in prompts], rewards)
     folder = store.adapters_dir / f"{config.algo}-{run}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**config.key(), "generator": identity, "reward_models": rewards,
                                                     "prompts": prompts}, indent=1))
     diffusion = Diffusion(generator.pipeline, config.denoise_steps, config.guidance, config.mixed_precision)
-    with torch.random.fork_rng():  # the adapter's initial A from the run's seed: same key, same weights
-        torch.manual_seed(config.seed)
-        params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha)
+    params = add_lora(diffusion.unet, config.lora_rank, config.lora_alpha, config.seed)
     if config.gradient_checkpointing:
         diffusion.unet.enable_gradient_checkpointing()
     optimizer = _optimizer(params, config)
@@ -520,6 +564,7 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
+        diffusion.scaler.load_state_dict(state["scaler"])
         stats.history = state["stats"]
         step = state["step"]
     data = _training_data(store, diffusion, reward, prompts, config, folder, [identity, *rewards])
@@ -527,10 +572,13 @@ def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tupl
     with progress_bar(f"fine-tuning ({config.algo})", max(config.steps - step, 0), unit="steps") as advance:
         while step < config.steps:
             began = time.perf_counter()
-            loss = _update(diffusion, reward, prompts, config, data, rng, stats, step, params, optimizer)
+            metrics = _update(diffusion, reward, prompts, config, data, rng, stats, step, params, optimizer)
             _synchronize(diffusion.device)
             training_seconds += time.perf_counter() - began
             step += 1
+            loss = metrics["loss"]
+            if on_step:
+                on_step(step, metrics)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint = _write_checkpoint(folder, diffusion, params, optimizer, rng, stats, step, evaluation, loss)
                 _record_checkpoint(store, run, config, identity, checkpoint)
@@ -550,13 +598,17 @@ def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
                              weight_decay=config.weight_decay)
 
 
-def _update(diffusion, reward, prompts, config: FinetuneConfig, data, rng, stats, step, params, optimizer) -> float:
-    """One optimizer step of `config.algo`: its loss's gradients, clipped to `max_grad_norm`, applied."""
+def _update(diffusion, reward, prompts, config: FinetuneConfig, data, rng, stats, step, params,
+            optimizer) -> dict[str, float]:
+    """One optimizer step of `config.algo`: its loss's gradients, clipped to `max_grad_norm`, applied;
+    the step's metrics."""
     optimizer.zero_grad(set_to_none=True)
-    loss = TRAINERS[config.algo](diffusion, reward, prompts, config, data, rng, stats, step)
+    metrics = TRAINERS[config.algo](diffusion, reward, prompts, config, data, rng, stats, step)
+    diffusion.scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    optimizer.step()
-    return loss
+    diffusion.scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+    diffusion.scaler.update()
+    return metrics
 
 
 def _synchronize(device: torch.device) -> None:
@@ -604,7 +656,8 @@ def _write_checkpoint(folder, diffusion, params, optimizer, rng, stats, step, ev
     tmp = folder / f".step-{step:06d}.tmp"
     adapter = save_adapter(diffusion.unet, tmp)
     torch.save({"step": step, "lora": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                "rng": rng.get_state(), "stats": stats.history}, tmp / STATE_FILE)
+                "rng": rng.get_state(), "scaler": diffusion.scaler.state_dict(), "stats": stats.history},
+               tmp / STATE_FILE)
     if target.exists():  # a checkpoint that was written, then its successor lost: replace it
         import shutil
 
@@ -700,7 +753,7 @@ def _pretraining_pairs(store: Store, diffusion: Diffusion, prompts, config: Fine
 
 
 # --- one optimizer step of each algorithm (gradients accumulated, not applied) -----------------
-def _rwr_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> float:
+def _rwr_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> dict[str, float]:
     rows = torch.randint(0, len(data["texts"]), (config.batch_size,), generator=rng)
     latents = data["latents"][rows]
     cond, _ = diffusion.embed([data["texts"][i] for i in rows])
@@ -710,15 +763,21 @@ def _rwr_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, s
     if config.kl_beta > 0:
         with torch.no_grad(), _BaseModel(diffusion.unet):
             base = diffusion.predict(noisy, t, cond)
-        loss = loss + config.kl_beta * _per_sample_mse(prediction, base).mean()
-    loss.backward()
-    return float(loss.detach())
+        # Fan et al.'s KL is a distance of noise predictions: ε, not the raw outputs (for v-prediction
+        # their distance is ᾱ_t times v's)
+        _, noise = predict_x0_and_noise(diffusion.scheduler, prediction, t, noisy)
+        _, base_noise = predict_x0_and_noise(diffusion.scheduler, base, t, noisy)
+        loss = loss + config.kl_beta * _per_sample_mse(noise, base_noise).mean()
+    diffusion.backward(loss)
+    return {"loss": float(loss.detach())}
 
 
-def _ddpo_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> float:
+def _ddpo_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> dict[str, float]:
     """One iteration: sample `samples_per_iteration` trajectories with the current policy,
     normalise rewards per prompt, accumulate the clipped surrogate's gradient over every
-    timestep of every sample (minibatches of `batch_size`), one update."""
+    timestep of every sample (minibatches of `batch_size`), one update. Besides the loss, trl's
+    diagnostics over all (sample, timestep) pairs: approx_kl, half the mean squared log-ratio of
+    the trained to the sampling policy, and clipfrac, the share of ratios outside the clip range."""
     n = config.samples_per_iteration
     chosen = torch.randint(0, len(prompts), (n,), generator=rng).tolist()
     prompt_ids, texts = [prompts[i][0] for i in chosen], [prompts[i][1] for i in chosen]
@@ -734,7 +793,7 @@ def _ddpo_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
             old_log_probs.append(log_prob)
         rewards = reward(diffusion.decode(latents), prompt_ids)
     advantages = stats.advantages(prompt_ids, rewards).clamp(-config.adv_clip_max, config.adv_clip_max)
-    total = 0.0
+    total, log_ratios = 0.0, []
     scale = 1.0 / (len(diffusion.timesteps) * math.ceil(n / config.batch_size))
     for first in range(0, n, config.batch_size):
         rows = slice(first, first + config.batch_size)
@@ -742,18 +801,23 @@ def _ddpo_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
             output = diffusion.guided(trajectory[j][rows], t, cond[rows], uncond[rows])
             _, log_prob = ddim_step_with_logprob(diffusion.scheduler, output, t, trajectory[j][rows], config.eta,
                                                  prev_sample=trajectory[j + 1][rows])
-            ratio = torch.exp(log_prob - old_log_probs[j][rows])
+            log_ratio = log_prob - old_log_probs[j][rows]
+            ratio = torch.exp(log_ratio)
             adv = advantages[rows]
             loss = torch.maximum(-adv * ratio,
                                  -adv * ratio.clamp(1 - config.clip_range, 1 + config.clip_range)).mean() * scale
-            loss.backward()
+            diffusion.backward(loss)
             total += float(loss.detach())
-    return total
+            log_ratios.append(log_ratio.detach())
+    log_ratios = torch.cat(log_ratios)
+    return {"loss": total, "approx_kl": float(0.5 * (log_ratios ** 2).mean()),
+            "clipfrac": float(((log_ratios.exp() - 1).abs() > config.clip_range).float().mean())}
 
 
-def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> float:
+def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, step) -> dict[str, float]:
     """Pre-training loss on a batch of (caption, image) pairs plus λ·ReLU(margin − r) on images
-    predicted (x0) after a random number of no-grad denoising steps and one step with gradients."""
+    predicted (x0) after a random number of no-grad denoising steps and one step with gradients,
+    all sampled as `config.refl_sampler` says."""
     rows = torch.randint(0, len(data["texts"]), (config.batch_size,), generator=rng)
     cond, _ = diffusion.embed([data["texts"][i] for i in rows])
     noisy, t, target = diffusion.denoising_loss_inputs(data["latents"][rows], rng)
@@ -764,15 +828,21 @@ def _refl_step(diffusion: Diffusion, reward, prompts, config, data, rng, stats, 
     latents = torch.randn((len(chosen), *diffusion.latent_shape), generator=rng).to(diffusion.device)
     latents = latents * diffusion.scheduler.init_noise_sigma
     stop = int(torch.randint(config.refl_start, config.refl_end + 1, (1,), generator=rng))
+    as_reference = config.refl_sampler == "ddpm"  # ReFL.py: DDPM's steps on the conditional output alone
+    sampler = diffusion.ddpm if as_reference else diffusion.scheduler
+
+    def unet_output(latents, t):
+        return diffusion.predict(latents, t, cond) if as_reference else diffusion.guided(latents, t, cond, uncond)
+
     with torch.no_grad():
         for t in diffusion.timesteps[:stop]:
-            latents = diffusion.scheduler.step(diffusion.guided(latents, t, cond, uncond), t, latents).prev_sample
+            latents = sampler.step(unet_output(latents, t), t, latents, generator=rng).prev_sample
     t = diffusion.timesteps[stop]
-    x0, _ = predict_x0_and_noise(diffusion.scheduler, diffusion.guided(latents, t, cond, uncond), t, latents)
+    x0, _ = predict_x0_and_noise(diffusion.scheduler, unet_output(latents, t), t, latents)
     values = reward(diffusion.decode(x0), prompt_ids)
     loss = pretrain + config.refl_lambda * torch.relu(config.refl_margin - values).mean()
-    loss.backward()
-    return float(loss.detach())
+    diffusion.backward(loss)
+    return {"loss": float(loss.detach())}
 
 
 TRAINERS = {"rwr": _rwr_step, "ddpo": _ddpo_step, "refl": _refl_step}
@@ -811,8 +881,8 @@ def record_finetune(store: Store, model: str, config: FinetuneConfig, sets: list
                     max_prompts: int | None = None, weights: str = "pretrained", reward_weights: str = "pretrained",
                     device: str = "cpu", parent_run_id: str | None = None) -> FinetuneResult:
     """Fine-tune `model` on the store's prompts against `config.reward`, logging params (base
-    model, reward spec, algorithm, hyperparameters), per-checkpoint metrics and each adapter
-    (under checkpoints/step-N) to MLflow."""
+    model, reward spec, algorithm, hyperparameters), per-step metrics (the loss; DDPO's approx_kl
+    and clipfrac), per-checkpoint metrics and each adapter (under checkpoints/step-N) to MLflow."""
     import mlflow
 
     from tia2.models.diffusion import create_pipeline
@@ -829,11 +899,12 @@ def record_finetune(store: Store, model: str, config: FinetuneConfig, sets: list
     with stage_run("finetune", params, parent_run_id, tags=tags):
         def log(c: Checkpoint) -> None:
             mlflow.log_metrics({"mean_reward": c.mean_reward, "base_mean_reward": c.base_mean_reward,
-                                "wins": c.wins, "loss": c.loss}, step=c.step)
+                                "wins": c.wins}, step=c.step)
             mlflow.log_artifact(str(c.path), f"checkpoints/step-{c.step:06d}")
             mlflow.set_tags({"tia2.step": c.step, "tia2.adapter": str(c.path)})
 
-        result = finetune(store, generator, config, prompts, reward, on_checkpoint=log)
+        result = finetune(store, generator, config, prompts, reward, on_checkpoint=log,
+                          on_step=lambda step, metrics: mlflow.log_metrics(metrics, step=step))
         mlflow.set_tags({"tia2.run": result.run, "tia2.start_step": result.start_step,
                          "tia2.selected_step": result.selected_step})
         mlflow.log_metric("steps_per_second", result.steps_per_second)

@@ -237,8 +237,8 @@ def cmd_finetune(args) -> int:
     sweep = args.kl_beta == "sweep"
     overrides = {k: getattr(args, k) for k in (
         "steps", "checkpoint_every", "seed", "denoise_steps", "guidance", "learning_rate", "batch_size",
-        "lora_rank", "images_per_prompt", "keep", "kl_beta", "samples_per_iteration", "refl_lambda",
-        "eval_images_per_prompt")}
+        "lora_rank", "images_per_prompt", "keep", "kl_beta", "samples_per_iteration", "refl_lambda", "refl_sampler",
+        "eval_images_per_prompt", "mixed_precision")}
     if sweep:
         overrides["kl_beta"] = None
     if args.lora_rank is not None:
@@ -542,11 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
           ddpo  DDPO (Black et al. 2023; TextNorm eq. 5): DDIM sampling with eta 1 and per-step
                 log-probabilities, per-prompt reward normalisation, PPO-clipped policy gradient
                 over timesteps, one update per iteration of 256 samples. Defaults (Table 4):
-                50 steps, guidance 5, lr 3e-4, wd 1e-4, batch 64.
+                50 steps, guidance 5, lr 3e-4, wd 1e-4, batch 64. MLflow gets each step's
+                approx_kl and clipfrac (as trl logs them).
           refl  ReFL (ImageReward Algorithm 1): denoise without gradients to a random step in
                 [30, 39] of 40, one step with gradients, predict x0, decode, reward;
                 loss = 1e-3 * ReLU(2 - reward) + the denoising loss on (caption, image) pairs (the
                 store's images of the prompts, else the base model's). lr 1e-5, batch 64.
+                --refl-sampler ddpm (the default) samples as ImageReward's ReFL.py: stochastic
+                DDPM steps, no classifier-free guidance (the gradient step too); ddim:
+                deterministic DDIM with --guidance.
         Checkpoints (adapter safetensors + optimizer state) every --checkpoint-every steps go to
         the store's adapters/<algo>-<run>/step-N, to MLflow (with base model, reward spec, step) and
         to the finetune_checkpoints table, each evaluated against the base model on the training
@@ -572,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(TextNorm paper, Appendix A.2)")
     p.add_argument("--samples-per-iteration", type=int, metavar="N", help="ddpo (default 256)")
     p.add_argument("--refl-lambda", type=float, metavar="L", help="refl: reward loss scale (default 1e-3)")
+    p.add_argument("--refl-sampler", choices=["ddpm", "ddim"],
+                   help="refl: the steps to the gradient step; ddpm (default): ReFL.py's stochastic DDPM without "
+                        "guidance; ddim: deterministic DDIM with --guidance")
+    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast of the UNet and VAE (default fp32; LoRA weights and optimizer stay fp32); fp16, "
+                        "as the papers trained, scales the loss against underflowing gradients")
     p.add_argument("--eval-images-per-prompt", type=int, metavar="N",
                    help="images per prompt for each checkpoint's comparison with the base (default 4)")
     p.add_argument("--device", default="cpu")
