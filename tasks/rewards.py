@@ -170,7 +170,10 @@ class RewardEvaluator:
             return self.scores(spec, None).caption
         if isinstance(spec, TextNorm):
             return self._textnorm(spec)
-        parts = np.stack([self(p) for p in spec.parts])
+        # Sorted per row before summing: the value depends only on the multiset of member values,
+        # so rows whose members tie exactly get exactly tied ensembles (floating-point sums
+        # depend on their order, and a last-bit difference is an order where people see a tie).
+        parts = np.sort(np.stack([self(p) for p in spec.parts]), axis=0)
         mean = parts.mean(axis=0)
         if isinstance(spec, Mean):
             return mean
@@ -189,7 +192,12 @@ class RewardEvaluator:
 
 def textnorm(caption: np.ndarray, contrast_row: np.ndarray, contrast: np.ndarray,
              tau: float) -> np.ndarray:
-    """exp(r0/τ) / (exp(r0/τ) + Σ exp(r_i/τ)) per row, computed in log space (log-sum-exp)."""
+    """exp(r0/τ) / (exp(r0/τ) + Σ exp(r_i/τ)) per row, computed in log space (log-sum-exp).
+    Each row's contrast terms are summed in ascending order, so the value depends only on the
+    multiset of its contrast scores, not on the order the store returns them in: images with
+    exactly tied scores get exactly tied values."""
+    order = np.lexsort((contrast, contrast_row))
+    contrast_row, contrast = contrast_row[order], contrast[order]
     a = caption / tau
     b = contrast / tau
     peak = a.copy()
