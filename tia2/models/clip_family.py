@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import open_clip
@@ -136,10 +135,11 @@ def check_tokenizer(name: str, tokenizer) -> None:
                         f"vocabulary files are missing from the model folder or HF cache")
 
 
-@lru_cache(maxsize=1)
 def clip_bpe_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer built from the BPE vocabulary open_clip ships: the same token ids as the
-    released CLIP tokenizers, with no download."""
+    released CLIP tokenizers, with no download. A new one per call (0.2 s): the Rust tokenizer
+    keeps each call's padding and truncation in its own state, so two pipelines sharing one in
+    threads (generation shards) padded each other's batches ("Sizes of tensors must match")."""
     folder = Path.home() / ".cache" / "tia2" / "clip-bpe"
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
     if not vocab_file.exists():
