@@ -481,22 +481,24 @@ class Store:
         `rows`; it may read the table's view too) and return how many. Each part that holds such
         rows is rewritten atomically; the others are left untouched."""
         assert TABLES[table].append_only
-        removed = 0
+        if not self._parts(table):
+            return 0
         with self.lock(table), self.connect() as con:
-            for part in self._parts(table):
-                path = str(part).replace("'", "''")
+            # one scan finds the parts holding such rows (usually none): only those are read again
+            glob = self._glob(table).replace("'", "''")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW rows AS SELECT * FROM read_parquet('{glob}', filename = true)")
+            doomed = con.execute(f"SELECT filename, count(*) FROM rows WHERE {where} GROUP BY ALL", params).fetchall()
+            for filename, _ in doomed:
+                path = filename.replace("'", "''")
                 con.execute(f"CREATE OR REPLACE TEMP VIEW rows AS SELECT * FROM read_parquet('{path}')")
-                doomed = con.execute(f"SELECT count(*) FROM rows WHERE {where}", params).fetchall()[0][0]
-                if doomed:
-                    kept = con.sql(f"SELECT * FROM rows WHERE NOT ({where})", params=params).to_arrow_table()
-                    if kept.num_rows:
-                        self._write_file(part, kept.cast(TABLES[table].schema))
-                    else:
-                        part.unlink()
-                    removed += doomed
-            if removed and not self._parts(table):
+                kept = con.sql(f"SELECT * FROM rows WHERE NOT ({where})", params=params).to_arrow_table()
+                if kept.num_rows:
+                    self._write_file(Path(filename), kept.cast(TABLES[table].schema))
+                else:
+                    Path(filename).unlink()
+            if doomed and not self._parts(table):
                 self.refresh_catalog()
-        return removed
+        return sum(count for _, count in doomed)
 
     @staticmethod
     def _write_file(path: Path, table: pa.Table) -> None:
