@@ -26,52 +26,13 @@ from flows.common import CACHED  # first: sets Prefect's defaults before prefect
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
-from tasks.evaluate_finetune import record_evaluate_finetune, wins_table  # noqa: E402
+from tasks.evaluate_finetune import record_evaluate_finetune  # noqa: E402
 from tasks.finetune import paper_config, record_finetune, sweep_kl_coefficient  # noqa: E402
-from tia2.config import merged_config  # noqa: E402
-from tia2.errors import UserError  # noqa: E402
+from tasks.report import finetune_rows  # noqa: E402
+from tia2.config import finetune_section, hyperparameters, merged_config  # noqa: E402
+from tia2.artifacts import records  # noqa: E402
 from tia2.store import Store, default_store_root  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
-
-SECTION_KEYS = {"algos", "reward", "sets", "max_prompts", "model", "weights", "reward_weights", "settings",
-                "evaluate"}
-EVALUATE_KEYS = {"gold", "sets", "max_prompts", "images_per_prompt", "steps", "guidance", "rewards"}
-
-
-def finetune_section(settings: dict) -> dict:
-    """The config's `finetune` section with defaults filled in and every algorithm's settings
-    checked (one UserError line for a mistake, before any work)."""
-    section = dict(settings.get("finetune") or {})
-    unknown = sorted(set(section) - SECTION_KEYS)
-    if unknown:
-        raise UserError(f"finetune: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(SECTION_KEYS))})")
-    if not section.get("reward"):
-        raise UserError("finetune: needs `reward`, the reward spec to maximise")
-    section.setdefault("algos", ["refl"])
-    section.setdefault("model", settings.get("generator"))
-    if not section["model"]:
-        raise UserError("finetune: needs `model` (or the config's `generator`)")
-    section.setdefault("weights", "pretrained")
-    section.setdefault("reward_weights", settings.get("weights", "pretrained"))
-    section.setdefault("settings", {})
-    evaluate = section.setdefault("evaluate", {})
-    unknown = sorted(set(evaluate) - EVALUATE_KEYS)
-    if unknown:
-        raise UserError(f"finetune.evaluate: unknown setting(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(EVALUATE_KEYS))})")
-    if evaluate and not evaluate.get("gold"):
-        raise UserError("finetune.evaluate: needs `gold`, the held-out reward (a spec, or human)")
-    for algo in section["algos"]:
-        try:
-            paper_config(algo, section["reward"], **_settings(section))
-        except ValueError as exc:
-            raise UserError(f"finetune.settings: {exc}") from exc
-    return section
-
-
-def _settings(section: dict) -> dict:
-    """The section's hyperparameters; `kl_beta: sweep` (RWR's β sweep) is not one."""
-    return {k: v for k, v in section["settings"].items() if not (k == "kl_beta" and v == "sweep")}
 
 
 @task(name="finetune", cache_policy=CACHED, persist_result=True, tags=["gpu"])
@@ -79,7 +40,7 @@ def finetune_task(store_root: str, algo: str, section: dict, device: str, prompt
                   parent_run_id: str) -> dict:
     """Train (or continue) one algorithm's adapter; its checkpoints are in the store."""
     store = Store(store_root)
-    config = paper_config(algo, section["reward"], **_settings(section))
+    config = paper_config(algo, section["reward"], **hyperparameters(section))
     options = dict(sets=section.get("sets"), max_prompts=section.get("max_prompts"), weights=section["weights"],
                    reward_weights=section["reward_weights"], device=device, parent_run_id=parent_run_id)
     swept = None
@@ -101,7 +62,8 @@ def finetune_task(store_root: str, algo: str, section: dict, device: str, prompt
 @task(name="evaluate", cache_policy=CACHED, persist_result=True, tags=["gpu"])
 def evaluate_task(store_root: str, run: str, section: dict, device: str, store_key: str,
                   parent_run_id: str) -> dict:
-    """A fine-tuning run's checkpoints against the base model on held-out prompts."""
+    """A fine-tuning run's checkpoints against the base model on held-out prompts: the tables as
+    rows (the report draws and lays them out) and the images compared, base first."""
     evaluate = section["evaluate"]
     result = record_evaluate_finetune(
         Store(store_root), section["model"], evaluate["gold"], run=run, sets=evaluate.get("sets"),
@@ -110,14 +72,15 @@ def evaluate_task(store_root: str, run: str, section: dict, device: str, store_k
         rewards=evaluate.get("rewards", ()), weights=section["weights"], reward_weights=section["reward_weights"],
         device=device, parent_run_id=parent_run_id)
     return {"run": run, "proxy": result.proxy, "gold": result.gold, "heldout_prompts": len(result.prompts),
-            "win_tie_loss": wins_table(result).to_string(),
-            "steps_curve": result.steps_curve.to_string(index=False),
-            "best_of_n_curve": result.best_of_n_curve.to_string(index=False)}
+            "win_tie_loss": records(result.win_tie_loss.drop(columns=["path", "lora"])),
+            "steps_curve": records(result.steps_curve), "best_of_n_curve": records(result.best_of_n_curve),
+            "images": records(result.frame[["variant", "set", "prompt_id", "caption", "ordinal", "image_id"]])}
 
 
 def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -> list[dict]:
     """Every configured algorithm, one after the other (they share the GPU), each followed by the
-    evaluation of its checkpoints when the section has one."""
+    evaluation of its checkpoints when the section has one; each logged in a line a stage."""
+    logger = get_run_logger()
     prompts_key = store.fingerprint("prompts", "contrast_prompts")
     reports = []
     for algo in section["algos"]:
@@ -126,6 +89,8 @@ def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -
             store_key = store.fingerprint("prompts", "contrast_prompts", "finetune_checkpoints")
             report["evaluation"] = evaluate_task(str(store.root), report["run"], section, device, store_key,
                                                  parent_run_id)
+        for stage, result in finetune_rows(report):
+            logger.info("%s: %s", stage, result)
         reports.append(report)
     return reports
 
@@ -135,14 +100,11 @@ def tia2_finetune(config: str = "tiny", overrides: dict | None = None) -> dict:
     """Fine-tune and evaluate with the `finetune` section of a profile (`tiny`, `paper`) or YAML
     file, with `overrides` of any config key on top. The store must hold the prompts (run
     tia2-benchmark, or `tia2 ingest-tia2` / `tia2 sample-prompts`, first)."""
-    logger = get_run_logger()
-    settings = merged_config(config, overrides)
+    settings = merged_config(config, overrides)  # every setting checked first, before any work
     section = finetune_section(settings)
     store = Store(settings.get("store") or default_store_root(), create=False)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
     with stage_run("tia2-finetune", {"config": config, "algos": section["algos"], "reward": section["reward"]},
                    tags=tags) as parent:
         trained = run_finetune(store, section, settings.get("device", "cpu"), parent.info.run_id)
-        for report in trained:
-            logger.info("finetune: %s", report)
     return {"finetune": trained, "mlflow_run_id": parent.info.run_id}

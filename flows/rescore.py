@@ -28,8 +28,8 @@ def score_counts(store: Store) -> dict[str, int]:
 @flow(name="tia2-rescore")
 def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
     """Score what is missing for the config's reward models and refresh its reward specs' metrics."""
+    settings = merged_config(config, overrides)  # every setting checked first, before any work
     logger = get_run_logger()
-    settings = merged_config(config, overrides)
     rewards = [str(parse_spec(r)) for r in settings.get("rewards", [])]
     store = Store(settings.get("store") or default_store_root(), create=False)
     root = str(store.root)

@@ -13,7 +13,6 @@ deployment (prefect.yaml).
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from flows.common import CACHED  # first: sets Prefect's defaults before prefect is imported
@@ -23,18 +22,18 @@ from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
-from flows.finetune import finetune_section, run_finetune  # noqa: E402
+from flows.finetune import run_finetune  # noqa: E402
 
 from tasks.contrast import record_contrast  # noqa: E402
 from tasks.generate import record_generate  # noqa: E402
-from tasks.ingest import DEFAULT_SOURCE, SETS, check_source, import_images, ingest_tia2  # noqa: E402
-from tasks.prompts import read_pool, record_select_from_pool  # noqa: E402
-from tasks.report import record_report, stage_rows  # noqa: E402
+from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
+from tasks.prompts import record_select_from_pool  # noqa: E402
+from tasks.report import record_report, report_markdown, table2_markdown  # noqa: E402
 from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
 from tasks.score import import_scores, record_score  # noqa: E402
-from tia2.config import merged_config  # noqa: E402
+from tia2.config import resolve_config  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
-from tia2.store import Store, default_store_root  # noqa: E402
+from tia2.store import Store  # noqa: E402
 from tia2.tracking import stage_run  # noqa: E402
 
 POOL_SET = "selected"  # the set of prompts picked from the pool
@@ -90,7 +89,8 @@ def generate_task(store_root: str, model: str, sets: tuple[str, ...], images_per
     report = record_generate(Store(store_root), model, "pretrained", list(sets), images_per_prompt, steps,
                              guidance, max_prompts=max_prompts, device=device, parent_run_id=parent_run_id,
                              shard=shard)
-    return {"images": report.images, "already_present": report.already_present, "seconds": report.seconds}
+    return {"images": report.images, "already_present": report.already_present, "seconds": report.seconds,
+            "identity": report.identity}
 
 
 @task(name="import-images", cache_policy=CACHED, persist_result=True)
@@ -145,28 +145,13 @@ def _folder_key(folder: str) -> str:
     return digest.hexdigest()
 
 
-def resolve_config(config: str = "tiny", overrides: dict | None = None) -> dict:
-    """A profile (tiny, paper) or YAML file with `overrides` on top, defaults filled in and checked:
-    a user mistake is one UserError line before any work starts, not a failed task."""
-    settings = merged_config(config, overrides)
-    settings["store"] = settings.get("store") or default_store_root()
-    settings["tia2_source"] = settings.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
-    check_source(settings["tia2_source"], tuple(settings.get("sets", SETS)))
-    for spec in settings.get("rewards", []):
-        parse_spec(spec)
-    if settings.get("prompt_pool"):
-        read_pool(settings["prompt_pool"])
-    if settings.get("finetune"):
-        settings["finetune"] = finetune_section(settings)
-    return settings
-
-
 @flow(name="tia2-benchmark")
 def tia2_benchmark(config: str = "tiny", overrides: dict | None = None) -> dict:
     """The whole benchmark DAG with the settings of a profile (`tiny`: CPU, tiny models; `paper`:
     the papers' models) or YAML file, and `overrides` of any of its keys (see README,
     Configuration): ingest TIA2, select prompts from a pool, make contrast prompts where missing,
-    generate images, register image files, score them, import score files, evaluate reward specs."""
+    generate images, register image files, score them, import score files, evaluate reward specs.
+    Every setting is checked first: a mistake fails the run in one line, before any work."""
     return run_benchmark(**resolve_config(config, overrides))
 
 
@@ -182,7 +167,7 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                    finetune: dict | None = None) -> dict:
     """The DAG itself, inside the tia2-benchmark flow run (its tasks need the flow's context)."""
     logger = get_run_logger()
-    specs = [str(parse_spec(r)) for r in rewards]  # fail fast on a bad spec, before any work
+    specs = [str(parse_spec(r)) for r in rewards]  # as stored: the canonical spelling
     sets = tuple(sets)
     data = Store(store)
     params = {"store": str(data.root), "tia2_source": tia2_source, "sets": sets, "rewards": specs}
@@ -210,24 +195,29 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
                 str(data.root), generator, unmapped(prompt_sets), images_per_prompt, steps, guidance, max_prompts,
                 device, shards, data.fingerprint("prompts"), parent_id)]
             made = sum(r["images"] for r in reports)
-            generated = {"generator": generator, "images": made, "shards": generate_shards,
-                         "already_present": sum(r["already_present"] for r in reports),
-                         "images_per_second": round(made / max(sum(r["seconds"] for r in reports), 1e-9), 3)}
+            generated = {"generator": generator, "identity": reports[0]["identity"], "images": made,
+                         "shards": generate_shards, "already_present": sum(r["already_present"] for r in reports),
+                         "images_per_second": round(made / max(sum(r["seconds"] for r in reports), 1e-9), 3),
+                         "sets": prompt_sets, "max_prompts": max_prompts, "images_per_prompt": images_per_prompt,
+                         "steps": steps, "guidance": guidance}
             logger.info("generate: %s", generated)
+        registered = []
         for set_name, folder in image_folders.items():
-            registered = import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
-                                            _folder_key(folder), data.store_id)
-            logger.info("images %s: %s", set_name, registered)
+            registered.append(import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
+                                                 _folder_key(folder), data.store_id))
+            logger.info("images %s: %s", set_name, registered[-1])
         summary_scores = []
         for name in reward_models:
             summary_scores.append(score_all(data, name, weights, device, batch_size, score_shards, parent_id))
             logger.info("score: %s", summary_scores[-1])
+        imported = []
         for file in score_files:
-            imported = import_scores_task(str(data.root), str(Path(file).resolve()),
-                                          _file_key(file), data.store_id)
-            logger.info("import %s: %s", file, imported)
-        summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated, "scores": summary_scores,
-                   "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None}
+            imported.append({"file": str(file), **import_scores_task(str(data.root), str(Path(file).resolve()),
+                                                                      _file_key(file), data.store_id)})
+            logger.info("import %s: %s", file, imported[-1])
+        summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated,
+                   "image_folders": registered, "scores": summary_scores, "score_imports": imported,
+                   "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None, "set_means": None}
         ranking = caption_ranking(data, list(reward_models)) if reward_models else None
         if ranking is not None:
             summary["caption_ranking"] = ranking.to_string(index=False)
@@ -235,19 +225,13 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
             means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)
             summary["table2"] = format_table2(means)
-            create_markdown_artifact(
-                key="tia2-table2",
-                markdown="## Alignment with human labels (TextNorm paper, Table 2 layout)\n\n"
-                         f"```\n{summary['table2']}\n```\n\nMLflow run: `{parent_id}`",
-                description="per-set means of the evaluated reward specs",
-            )
+            summary["set_means"] = means.to_dict("records")
+        # also without metrics: the artifact says why there are none
+        create_markdown_artifact(key="tia2-table2", markdown=table2_markdown(summary),
+                                 description="per-set means of the evaluated reward specs against the human labels")
         if finetune:
             summary["finetune"] = run_finetune(data, finetune, device, parent_id)
-            logger.info("finetune: %s", summary["finetune"])
         summary["report"] = record_report(data, summary, ranking)
-        create_markdown_artifact(
-            key="tia2-report",
-            markdown=f"## tia2 benchmark report\n\n[report.html]({summary['report']}) (MLflow run `{parent_id}`)\n\n"
-                     + "\n".join(f"- **{row.stage}**: {row.result}" for row in stage_rows(summary).itertuples()),
-            description="the run's HTML report: stages, caption ranking, Table 2, image grids")
+        create_markdown_artifact(key="tia2-report", markdown=report_markdown(summary),
+                                 description="the run's HTML report (MLflow) and its stages")
     return summary

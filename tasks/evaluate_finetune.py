@@ -126,10 +126,6 @@ def heldout_prompts(store: Store, sets: list[str] | None, max_prompts: int | Non
     from tasks.generate import prompts_to_generate
 
     candidates = prompts_to_generate(store, sets)
-    empty = sorted(set(sets) - {s for _, _, s in candidates}) if sets else []
-    if empty or not candidates:
-        raise UserError(f"no prompts in {'set(s) ' + ', '.join(empty) if empty else 'the store'}: ingest some "
-                        f"(tia2 ingest-tia2, tia2 sample-prompts)")
     kept, per_set = [], {}
     for prompt in candidates:
         if prompt[0] not in training_ids and per_set.get(prompt[2], 0) < (max_prompts or len(candidates)):
@@ -401,11 +397,11 @@ def _proxy_gold_axes(plt, title: str, xlabel: str, proxy: str, gold: str):
     return fig, ax, gold_ax
 
 
-def steps_figure(result: FinetuneEvaluation):
+def steps_figure(curve: pd.DataFrame, proxy: str, gold: str):
+    """Proxy and gold means over fine-tuning steps (a FinetuneEvaluation's steps_curve)."""
     plt = _pyplot()
-    curve = result.steps_curve
     fig, ax, gold_ax = _proxy_gold_axes(plt, "over-optimisation over fine-tuning steps", "fine-tuning step",
-                                        result.proxy, result.gold)
+                                        proxy, gold)
     base = curve[curve["adapter"] == BASE]
     for marker, (run, part) in zip("osD^v<>", curve[curve["adapter"] != BASE].groupby("run", dropna=False, sort=False)):
         line = pd.concat([base, part]).sort_values("step")
@@ -419,11 +415,11 @@ def steps_figure(result: FinetuneEvaluation):
     return fig
 
 
-def best_of_n_figure(result: FinetuneEvaluation):
+def best_of_n_figure(curve: pd.DataFrame, proxy: str, gold: str):
+    """Proxy and gold means of the base model's best-of-n picks (a FinetuneEvaluation's best_of_n_curve)."""
     plt = _pyplot()
-    curve = result.best_of_n_curve
     fig, ax, gold_ax = _proxy_gold_axes(plt, "over-optimisation under best-of-n (base model)",
-                                        "sqrt(KL), KL = log n - (n - 1)/n", result.proxy, result.gold)
+                                        "sqrt(KL), KL = log n - (n - 1)/n", proxy, gold)
     ax.plot(curve["sqrt_kl"], curve["proxy"], "o-", color="C0")
     gold_ax.plot(curve["sqrt_kl"], curve["gold"], "s--", color="C1")
     for row in curve.itertuples():
@@ -432,12 +428,13 @@ def best_of_n_figure(result: FinetuneEvaluation):
     return fig
 
 
-def win_tie_loss_figure(result: FinetuneEvaluation):
-    """A panel per reward spec: a bar per adapter, its pairs' share of wins, ties and losses."""
+def win_tie_loss_figure(table: pd.DataFrame):
+    """A panel per reward spec of a FinetuneEvaluation's win_tie_loss: a bar per adapter, its
+    pairs' share of wins, ties and losses."""
     plt = _pyplot()
-    table = result.win_tie_loss
     rewards = list(dict.fromkeys(table["reward"]))
-    fig, axes = plt.subplots(len(rewards), 1, figsize=(8, 0.6 + (0.9 + 0.35 * len(result.adapters)) * len(rewards)),
+    adapters = table["adapter"].nunique()
+    fig, axes = plt.subplots(len(rewards), 1, figsize=(8, 0.6 + (0.9 + 0.35 * adapters) * len(rewards)),
                              squeeze=False)
     for ax, reward in zip(axes[:, 0], rewards):
         part = table[table["reward"] == reward]
@@ -496,7 +493,8 @@ def record_evaluate_finetune(store: Store, model: str, gold: str, run: str | Non
               "sets": sets or "all", "max_prompts": max_prompts, "images_per_prompt": images_per_prompt,
               "denoise_steps": denoise_steps, "guidance": guidance, "seed": seed, "gold": gold,
               "extra_rewards": list(rewards), "tol": tol, "reward_weights": reward_weights, "device": device}
-    with stage_run("evaluate", params, parent_run_id, tags={"tia2.evaluates": run or "adapters"}) as mlflow_run:
+    with stage_run("evaluate", params, parent_run_id, tags={"tia2.evaluates": run or "adapters"},
+                   label=f"run {run}" if run else "adapters") as mlflow_run:
         result = evaluate_finetune(store, model, gold, run, adapters, sets, max_prompts, images_per_prompt,
                                    denoise_steps, guidance, seed, proxy, rewards, tol, weights, reward_weights,
                                    device, batch_size)
@@ -522,31 +520,33 @@ def record_evaluate_finetune(store: Store, model: str, gold: str, run: str | Non
                         "curves/steps.csv": result.steps_curve.to_csv(index=False),
                         "curves/best_of_n.csv": result.best_of_n_curve.to_csv(index=False),
                         "images.csv": result.frame.to_csv(index=False)})
-        plots = {"plots/overoptimization_steps.png": steps_figure(result),
-                 "plots/overoptimization_best_of_n.png": best_of_n_figure(result),
-                 "plots/win_tie_loss.png": win_tie_loss_figure(result)}
+        plots = {"plots/overoptimization_steps.png": steps_figure(result.steps_curve, result.proxy, result.gold),
+                 "plots/overoptimization_best_of_n.png": best_of_n_figure(result.best_of_n_curve, result.proxy,
+                                                                          result.gold),
+                 "plots/win_tie_loss.png": win_tie_loss_figure(result.win_tie_loss)}
         for name, figure in plots.items():
             log_figure(figure, name)
         prompt_ids = [p for p, _, _ in result.prompts]
         for first in range(0, len(prompt_ids), grid_prompts):
             mlflow.log_image(comparison_grid(result, prompt_ids[first:first + grid_prompts]),
                              f"grids/heldout_{first // grid_prompts + 1:02d}.png")
-        _post_prefect_artifacts(result, {name: f"{mlflow.get_artifact_uri()}/{name}" for name in plots})
+        _post_prefect_artifacts(result, mlflow_run.info.run_id, list(plots))
     return result
 
 
-def wins_table(result: FinetuneEvaluation) -> pd.DataFrame:
-    """Wins/ties/losses as text, a row per reward spec and a column per adapter."""
-    table = result.win_tie_loss.assign(
+def wins_table(win_tie_loss: pd.DataFrame) -> pd.DataFrame:
+    """A FinetuneEvaluation's win_tie_loss as text "wins/ties/losses", a row per reward spec and a
+    column per adapter."""
+    table = win_tie_loss.assign(
         result=lambda t: t["wins"].astype(str) + "/" + t["ties"].astype(str) + "/" + t["losses"].astype(str))
     return table.pivot(index="reward", columns="adapter", values="result").reindex(
-        index=list(dict.fromkeys(table["reward"])), columns=[a.label for a in result.adapters])
+        index=list(dict.fromkeys(table["reward"])), columns=list(dict.fromkeys(table["adapter"])))
 
 
-def _post_prefect_artifacts(result: FinetuneEvaluation, plots: dict[str, str]) -> None:
-    """Inside a Prefect flow or task run: the win/tie/loss rows as a table artifact and the curves
-    with links to the plots (MLflow artifact URIs) as markdown. Outside one, nothing: a process
-    that has not imported Prefect cannot be in a Prefect run."""
+def _post_prefect_artifacts(result: FinetuneEvaluation, mlflow_run_id: str, plots: list[str]) -> None:
+    """Inside a Prefect flow or task run: the win/tie/loss rows as a table artifact, and the
+    tables and curves as markdown with references to the plots (the MLflow run's artifacts).
+    Outside one, nothing: a process that has not imported Prefect cannot be in a Prefect run."""
     if "prefect" not in sys.modules:
         return
     from prefect.context import FlowRunContext, TaskRunContext
@@ -555,16 +555,21 @@ def _post_prefect_artifacts(result: FinetuneEvaluation, plots: dict[str, str]) -
         return
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    table = result.win_tie_loss.drop(columns=["path", "lora"]).astype({"step": object})
-    create_table_artifact(key="tia2-finetune-evaluation", table=table.where(table.notna(), None).to_dict("records"),
+    from tia2.artifacts import markdown_table, records
+    from tia2.tracking import artifact_reference
+
+    create_table_artifact(key="tia2-finetune-evaluation",
+                          table=records(result.win_tie_loss.drop(columns=["path", "lora"])),
                           description=f"adapters against {result.generator} on {len(result.prompts)} held-out prompts: "
                                       f"matched pairs won, tied and lost")
     create_markdown_artifact(
         key="tia2-finetune-overoptimization",
         markdown=f"## Fine-tuned adapters against {result.generator}\n\n"
                  f"Proxy `{result.proxy}`, gold `{result.gold}`, {len(result.prompts)} held-out prompts.\n\n"
-                 f"Wins/ties/losses:\n```\n{wins_table(result).to_string()}\n```\n\n"
-                 f"Over fine-tuning steps:\n```\n{result.steps_curve.to_string(index=False)}\n```\n\n"
-                 f"Best-of-n of the base model:\n```\n{result.best_of_n_curve.to_string(index=False)}\n```\n\n"
-                 + "\n".join(f"- [{name}]({uri})" for name, uri in plots.items()),
+                 f"### Wins/ties/losses against the base model\n\n"
+                 f"{markdown_table(wins_table(result.win_tie_loss).reset_index())}\n\n"
+                 f"### Over fine-tuning steps\n\n{markdown_table(result.steps_curve)}\n\n"
+                 f"### Best-of-n of the base model\n\n{markdown_table(result.best_of_n_curve)}\n\n"
+                 f"### Plots (MLflow run `{mlflow_run_id}`)\n\n"
+                 + "\n".join(f"- {artifact_reference(mlflow_run_id, name)}" for name in plots),
         description="win/tie/loss and over-optimisation curves (proxy and gold reward)")

@@ -52,6 +52,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from tia2.config import KIND_NAMES, has_kind
 from tia2.errors import UserError
 from tia2.progress import progress_bar
 from tia2.seeding import seeded_init
@@ -132,22 +133,19 @@ def paper_config(algo: str, reward: str, **overrides) -> FinetuneConfig:
                      batch_size=64),
     }[algo]
     steps = overrides.get("denoise_steps")
-    if algo == "refl" and steps and overrides.get("refl_start") is None and overrides.get("refl_end") is None:
+    if (algo == "refl" and has_kind(steps, "int") and steps
+            and overrides.get("refl_start") is None and overrides.get("refl_end") is None):
         # the paper's window, the last quarter of the steps ([30, 39] of 40), for another T
         paper.update(refl_start=(3 * steps) // 4, refl_end=steps - 1)
     config = FinetuneConfig(algo=algo, reward=str(parse_spec(reward)), **paper)
-    try:
-        config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as exc:
-        raise ValueError(str(exc)) from exc
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     _check(config)
     return config
 
 
 def _check(c: FinetuneConfig) -> None:
-    wrong = [f"{f.name} must be a number (got {getattr(c, f.name)!r})" for f in fields(c)
-             if f.type in ("int", "float") and (isinstance(getattr(c, f.name), bool)
-                                                or not isinstance(getattr(c, f.name), (int, float)))]
+    wrong = [f"{f.name} must be {KIND_NAMES[f.type]} (got {getattr(c, f.name)!r})" for f in fields(c)
+             if f.type in KIND_NAMES and not has_kind(getattr(c, f.name), f.type)]
     if wrong:  # e.g. a YAML config's string
         raise UserError("; ".join(wrong))
     problems = [f"{name} must be at least 1" for name in
@@ -525,11 +523,7 @@ def run_key(config: FinetuneConfig, generator_identity: str, prompt_ids: list[st
 def training_prompts(store: Store, sets: list[str] | None, max_prompts: int | None) -> list[tuple[str, str]]:
     from tasks.generate import prompts_to_generate
 
-    prompts = [(pid, text) for pid, text, _ in prompts_to_generate(store, sets, max_prompts)]
-    if not prompts:
-        raise UserError(f"no prompts{' in set(s) ' + ', '.join(sets) if sets else ''} in the store: "
-                        f"ingest some (tia2 ingest-tia2, tia2 sample-prompts)")
-    return prompts
+    return [(pid, text) for pid, text, _ in prompts_to_generate(store, sets, max_prompts)]
 
 
 def finetune(store: Store, generator, config: FinetuneConfig, prompts: list[tuple[str, str]],
@@ -896,7 +890,8 @@ def record_finetune(store: Store, model: str, config: FinetuneConfig, sets: list
               "checkpoint_every": config.checkpoint_every, "sets": sets or "all", "prompts": len(prompts),
               "device": device}
     tags = {"tia2.base_model": base_model, "tia2.reward": config.reward, "tia2.algo": config.algo}
-    with stage_run("finetune", params, parent_run_id, tags=tags):
+    label = config.algo + (f" kl_beta={config.kl_beta:g}" if config.algo == "rwr" else "")  # RWR's sweep: a run per β
+    with stage_run("finetune", params, parent_run_id, tags=tags, label=label):
         def log(c: Checkpoint) -> None:
             mlflow.log_metrics({"mean_reward": c.mean_reward, "base_mean_reward": c.base_mean_reward,
                                 "wins": c.wins}, step=c.step)

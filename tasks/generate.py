@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tia2.errors import UserError
 from tia2.progress import progress_bar
 from tia2.store import Store, stable_id
 
@@ -57,6 +58,7 @@ class GenerateReport:
     already_present: int = 0
     seconds: float = 0.0
     batch_size: int = 0  # the largest batch made
+    identity: str = ""  # the generator's weights identity (images.generator is name@identity)
 
     @property
     def images_per_second(self) -> float:
@@ -66,7 +68,8 @@ class GenerateReport:
 def prompts_to_generate(store: Store, sets: list[str] | None = None, max_prompts: int | None = None,
                         shard: tuple[int, int] = (0, 1)) -> list[tuple[str, str, str]]:
     """(prompt_id, text, set) of the given sets (the first `max_prompts` of each), in a stable
-    order; with shard (i, n), every n-th of them from the i-th, so n workers split the work."""
+    order; with shard (i, n), every n-th of them from the i-th, so n workers split the work.
+    A UserError when a given set, or the store, has no prompts."""
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count} does not exist")
@@ -74,6 +77,10 @@ def prompts_to_generate(store: Store, sets: list[str] | None = None, max_prompts
         """SELECT prompt_id, text, set FROM prompts WHERE $sets IS NULL OR set IN (SELECT unnest($sets))
            QUALIFY $limit IS NULL OR row_number() OVER (PARTITION BY set ORDER BY prompt_id) <= $limit
            ORDER BY set, prompt_id""", {"sets": sets, "limit": max_prompts}).fetchall()
+    empty = sorted(set(sets or ()) - {s for _, _, s in prompts})
+    if empty or not prompts:
+        raise UserError(f"no prompts in {'set(s) ' + ', '.join(empty) if empty else 'the store'}: ingest some "
+                        f"(tia2 ingest-tia2, tia2 sample-prompts)")
     return prompts[index::count]
 
 
@@ -122,7 +129,7 @@ def generate_images(store: Store, generator, sets: list[str] | None = None, imag
     wanted = [(pid, text, set_name, i) for pid, text, set_name in prompts for i in range(images_per_prompt)]
     todo = [w for w in wanted
             if image_id(w[0], generator.identity, generator.lora, w[3], base_seed, steps, guidance) not in existing]
-    report = GenerateReport(already_present=len(wanted) - len(todo))
+    report = GenerateReport(already_present=len(wanted) - len(todo), identity=generator.identity)
     start = time.perf_counter()
     with progress_bar(f"generating ({label or generator.name})", len(todo)) as advance:
         for first in range(0, len(todo), batch_size):
@@ -171,9 +178,11 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
     identity, counts, images/s and a sample grid to MLflow."""
     import mlflow
 
-    from tia2.models.diffusion import apply_lora, create_pipeline
-    from tia2.tracking import stage_run
+    from tia2.models.diffusion import apply_lora, create_pipeline, generator_config
+    from tia2.tracking import run_label, stage_run
 
+    generator_config(model)  # a wrong name, then a wrong set, fail before the model loads
+    prompts = prompts_to_generate(store, sets, max_prompts, shard)
     generator = create_pipeline(model, weights=weights, device=device, dtype=dtype,
                                 channels_last=channels_last, compile_unet=compile_unet)
     if lora:
@@ -183,9 +192,10 @@ def record_generate(store: Store, model: str, weights: str = "pretrained", sets:
               "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
               "base_seed": base_seed, "batch_size": batch_size, "max_prompts": max_prompts, "device": device,
               "dtype": dtype, "channels_last": channels_last, "compile": compile_unet, "shard": f"{shard[0]}/{shard[1]}"}
-    with stage_run("generate", params, parent_run_id):
-        report = generate_images(store, generator, sets, images_per_prompt, steps, guidance, base_seed,
-                                 batch_size, max_prompts, shard)
+    label = run_label(generator.name, shard)
+    with stage_run("generate", params, parent_run_id, label=label):
+        report = generate_images(store, generator, label=label, images_per_prompt=images_per_prompt, steps=steps,
+                                 guidance=guidance, base_seed=base_seed, batch_size=batch_size, prompts=prompts)
         mlflow.log_metrics({"images": report.images, "already_present": report.already_present,
                             "images_per_second": report.images_per_second, "batch_size": report.batch_size})
         grid = sample_grid(store, f"{generator.name}@{generator.identity}", generator.lora)

@@ -9,6 +9,7 @@ pixels) and labels. Everything is read and checked before anything is written.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import urllib.error
 import urllib.request
@@ -184,59 +185,109 @@ def ingest_tia2(store: Store, source: str, sets: tuple[str, ...] = SETS) -> dict
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def _file_facts(path: Path) -> dict:
-    """sha256, width and height of an image file; unreadable files keep their hash, no size."""
+def _image_files(paths) -> list[Path]:
+    return [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+
+
+def _image_facts(path: Path) -> dict:
+    """path, sha256, width and height of an image file; ValueError saying why it is not a
+    readable image."""
     from PIL import Image, UnidentifiedImageError
 
-    facts = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-             "width": None, "height": None}
     try:
-        with Image.open(path) as image:
-            facts["width"], facts["height"] = image.size
-    except (UnidentifiedImageError, OSError):
-        pass  # registered anyway: scoring records it in score_failures with the reason
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # all of it: a truncated file fails here, not when it is scored
+            width, height = image.size
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{path}: not an image file") from exc
+    except Exception as exc:  # PIL raises many kinds for damaged files
+        raise ValueError(f"{path}: does not decode ({exc})") from exc
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height}
+
+
+def _all_image_facts(paths: list[Path]) -> list[dict]:
+    """The facts of every file, or one UserError naming the files that are not readable images."""
+    facts, problems = [], []
+    for path in paths:
+        try:
+            facts.append(_image_facts(path))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError(f"nothing registered: {len(problems)} of {len(paths)} files are not readable images "
+                        f"(first: {'; '.join(problems[:3])})")
     return facts
 
 
 def import_images(store: Store, set_name: str, folder: str | Path) -> dict:
-    """Register image files with their sha256.
+    """Register image files with their sha256, after checking that every one decodes.
 
     If the set is already in the store (e.g. a TIA2 set), files are matched to its images by file
-    name (the TIA2 JPEGs a user downloaded). Otherwise the folder is laid out by caption
-    (`DIR/<caption>/<image files>`) and becomes a new set of prompts and images.
+    name (the TIA2 JPEGs a user downloaded). Otherwise, or when the set was made by an earlier
+    import, the folder is laid out by caption (`DIR/<caption>/<image files>`) and becomes (or
+    updates) a set of prompts and images.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     con = store.connect()
-    known = con.sql("SELECT * FROM images WHERE set = $set ORDER BY prompt_id, ordinal",
-                    params={"set": set_name}).to_arrow_table()
-    if known.num_rows:
-        files = {p.name: p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
-        rows = [dict(row, **_file_facts(files[row["file"]])) for row in known.to_pylist() if row["file"] in files]
-        unmatched = len(files) - len(rows)
-        if not rows:
-            raise UserError(f"{folder}: none of its {len(files)} image files is an image of set "
-                            f"{set_name!r} (matched by file name)")
-        updated = store.upsert("images", pa.Table.from_pylist(rows))
-        return {"set": set_name, "registered": len(rows), "new_images": updated,
-                "unmatched_files": unmatched, "set_images": known.num_rows}
+    params = {"set": set_name}
+    known = con.sql("SELECT * FROM images WHERE set = $set ORDER BY prompt_id, ordinal", params=params).to_arrow_table()
+    imported = con.execute("SELECT count(*) FROM prompts WHERE set = $set AND source = 'import'", params).fetchall()[0][0]
+    if known.num_rows and not imported:
+        return _register_by_file_name(store, set_name, folder, known.to_pylist())
+    return _register_by_caption(store, set_name, folder, known.num_rows)
+
+
+def _register_by_file_name(store: Store, set_name: str, folder: Path, known: list[dict]) -> dict:
+    places: dict[str, list[Path]] = {}
+    for path in _image_files(folder.rglob("*")):
+        places.setdefault(path.name, []).append(path)
+    wanted = {row["file"] for row in known}
+    repeated = sorted(name for name in wanted if len(places.get(name, ())) > 1)
+    if repeated:
+        raise UserError(f"{folder}: {len(repeated)} file names of set {set_name!r} are in several places, so which "
+                        f"file is the image is unclear (first: {repeated[0]!r} in "
+                        f"{', '.join(str(p.parent) for p in places[repeated[0]])})")
+    matched = sorted(name for name in wanted if name in places)
+    if not matched:
+        raise UserError(f"{folder}: none of its {sum(map(len, places.values()))} image files is an image of set "
+                        f"{set_name!r} (matched by file name)")
+    facts = dict(zip(matched, _all_image_facts([places[name][0] for name in matched])))
+    rows = [dict(row, **facts[row["file"]]) for row in known if row["file"] in facts]
+    store.upsert("images", pa.Table.from_pylist(rows))
+    return {"set": set_name, "registered": len(matched),
+            "new_images": sum(row["path"] is None for row in known if row["file"] in facts),
+            "unmatched_files": sum(len(paths) for name, paths in places.items() if name not in wanted),
+            "set_images": len(known)}
+
+
+def _register_by_caption(store: Store, set_name: str, folder: Path, known_images: int) -> dict:
     captions = sorted(d for d in folder.iterdir() if d.is_dir())
     if not captions:
-        raise UserError(f"{folder}: set {set_name!r} is not in the store and the folder has no "
-                        f"caption subfolders (DIR/<caption>/<images>)")
-    prompts, images = [], []
+        why = "was made by importing a folder laid out by caption" if known_images else "is not in the store"
+        raise UserError(f"{folder}: set {set_name!r} {why} and the folder has no caption subfolders "
+                        f"(DIR/<caption>/<images>)")
+    prompts, images, files = [], [], []
     for caption_dir in captions:
         caption = caption_dir.name
         prompt_id = stable_id(set_name, caption)
         prompts.append(dict(prompt_id=prompt_id, text=caption, set=set_name, category=None,
                             subcategory=None, source="import"))
-        files = sorted(p for p in caption_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for ordinal, path in enumerate(files):
+        for ordinal, path in enumerate(sorted(_image_files(caption_dir.iterdir()))):
             images.append(dict(image_id=stable_id(set_name, caption, path.name), prompt_id=prompt_id,
                                set=set_name, file=path.name, ordinal=ordinal, seed=None, generator=None,
-                               lora=None, steps=None, guidance=None, **_file_facts(path)))
+                               lora=None, steps=None, guidance=None))
+            files.append(path)
+    if not images:
+        raise UserError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its caption folders")
+    for row, facts in zip(images, _all_image_facts(files)):
+        row.update(facts)
     store.upsert("prompts", pa.Table.from_pylist(prompts))
     added = store.upsert("images", pa.Table.from_pylist(images))
     return {"set": set_name, "registered": len(images), "new_images": added, "unmatched_files": 0,
-            "set_images": len(images)}
+            "set_images": known_images + added}

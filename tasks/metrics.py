@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,12 @@ import pyarrow as pa
 from scipy.stats import rankdata
 
 from tasks.rewards import RewardEvaluator, load_frame
+from tia2.errors import UserError
 from tia2.specs import Model, Spec, TextNorm, UncertaintyRegularized, parse_spec
 from tia2.store import Store
 
 METRICS = ("auroc", "auprc", "ap5", "ap10", "ap25", "spearman", "kendall")
+METRIC_LABELS = dict(zip(METRICS, ("AUROC", "AUPRC", "AP@5", "AP@10", "AP@25", "Spearman", "Kendall")))  # Table 2's
 AP_METRICS = ("ap5", "ap10", "ap25")
 CSV_COLUMNS = ["set", "prompt", "reward", "n_images", "human", *METRICS]
 SET_LABELS = {"comprehensive": "C100", "counting": "C150", "composition": "C300"}
@@ -189,8 +192,7 @@ def set_means(per_caption: pd.DataFrame) -> pd.DataFrame:
 def format_table2(means: pd.DataFrame) -> str:
     """The per-set means laid out like the TextNorm paper's Table 2."""
     width = max(12, *(len(r) for r in means["reward"]))
-    head = f"{'Set':<12} {'Reward':<{width}} " + " ".join(
-        f"{h:>8}" for h in ("AUROC", "AUPRC", "AP@5", "AP@10", "AP@25", "Spearman", "Kendall"))
+    head = f"{'Set':<12} {'Reward':<{width}} " + " ".join(f"{h:>8}" for h in METRIC_LABELS.values())
     lines = [head, "-" * len(head)]
     for set_name, group in means.groupby("set", sort=False):
         label = f"{SET_LABELS.get(set_name, set_name)} ({group['captions'].iloc[0]})"
@@ -318,6 +320,8 @@ def record_metrics(store: Store, specs: list[Spec], sets: list[str] | None = Non
 
     from tia2.tracking import log_figure, log_text_files, metric_key, stage_run
 
+    if out_csv:
+        check_output_file(out_csv)
     result = compute_metrics(store, specs, sets)
     means = set_means(result.per_caption)
     csv_text = result.per_caption[CSV_COLUMNS].to_csv(index=False, float_format="%.10g")
@@ -356,12 +360,26 @@ def record_tune(store: Store, models: list[str], sets: list[str] | None = None,
     return result
 
 
+def check_output_file(path: str) -> None:
+    """A UserError, before any work, when `path` cannot become a file: a folder, or a place this
+    process may not write."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{path} is a folder: give a file name, e.g. {target / 'metrics.csv'}")
+    parent = next(p for p in target.absolute().parents if p.exists())  # the folder it would be made in
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {parent} is not a folder this user may write to")
+
+
 def _write_text_atomic(path: str, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- without human labels ---------------------------------------------------------------------

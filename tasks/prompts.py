@@ -85,8 +85,8 @@ TEXT_COLUMNS = ("text", "prompt", "caption")
 
 def read_pool(path: str | Path) -> list[str]:
     """Prompt texts from JSON (strings or objects with text/prompt/caption), CSV or Parquet (a
-    text/prompt/caption column, else the first), or plain text (one per line). Blank texts are
-    dropped and repeats kept once, in first-seen order."""
+    text/prompt/caption column), or plain text (one per line). Blank texts are dropped and repeats
+    kept once, in first-seen order."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -96,9 +96,9 @@ def read_pool(path: str | Path) -> list[str]:
             texts = _json_texts(path)
         elif suffix == ".csv":
             with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            column = _text_column(path, list(rows[0]) if rows else [])
-            texts = [row[column] for row in rows]
+                reader = csv.DictReader(fh)
+                column = _text_column(path, reader.fieldnames or [])
+                texts = [row[column] for row in reader]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -135,9 +135,12 @@ def _json_texts(path: Path) -> list[str]:
 
 
 def _text_column(path: Path, columns: list[str]) -> str:
-    if not columns:
-        raise UserError(f"{path}: no columns")
-    return next((c for c in TEXT_COLUMNS if c in columns), columns[0])
+    """The column of prompts; any other column could be ids or file names, not prompts."""
+    found = next((c for c in TEXT_COLUMNS if c in columns), None)
+    if found is None:
+        raise UserError(f"{path}: no column named {', '.join(TEXT_COLUMNS[:-1])} or {TEXT_COLUMNS[-1]} "
+                        f"(columns: {', '.join(columns) or 'none'})")
+    return found
 
 
 # --- embeddings ------------------------------------------------------------------------------

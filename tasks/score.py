@@ -6,7 +6,8 @@ only rows missing for the model's name and weights identity are computed.
 
 An import file has one row per (image, text, reward model): columns `set, image, prompt,
 reward_model, score` and optionally `model_version`. Every row is checked against the store
-before anything is written; the whole file is then appended in one atomic part.
+before anything is written; the whole file is then appended in one atomic part. A stored key with
+another score is refused, or with `replace` given the file's score (all such rows, or none).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ _CHECKS = [
     ("have an empty set, image, prompt or reward_model",
      "set IS NULL OR set = '' OR image IS NULL OR image = '' OR prompt IS NULL OR prompt = '' "
      "OR reward_model IS NULL OR reward_model = ''", "set, image, reward_model"),
-    ("have a non-finite score", "value IS NULL OR NOT isfinite(value)", "score"),
+    ("have no score", "score IS NULL OR trim(CAST(score AS VARCHAR)) = ''", "score"),
+    ("have a score that is not a number", "value IS NULL AND trim(CAST(score AS VARCHAR)) <> ''", "score"),
+    ("have a non-finite score", "NOT isfinite(value)", "score"),
     ("refer to an unknown (set, image)", "image_id IS NULL AND set <> '' AND image <> ''", "set, image"),
     ("have a prompt that is neither the image's caption nor one of its contrast prompts",
      "image_id IS NOT NULL AND NOT prompt_known", "set, image, prompt"),
@@ -60,12 +63,15 @@ _CHECKS = [
 ]
 
 
-def check_scores(store: Store, incoming: pa.Table, label: str) -> pa.Table:
-    """Validate an import; return rows in the `scores` schema or raise UserError listing problems."""
+def check_scores(store: Store, incoming: pa.Table, label: str, replace: bool = False) -> pa.Table:
+    """Validate an import; return rows in the `scores` schema or raise UserError listing problems.
+    A row whose key is stored with another score is a problem unless `replace`."""
     missing = [c for c in REQUIRED_COLUMNS if c not in incoming.column_names]
     if missing:
         raise UserError(f"{label}: missing column(s) {', '.join(missing)} "
                         f"(needs {', '.join(REQUIRED_COLUMNS)}, optional model_version)")
+    if incoming.num_rows == 0:
+        raise UserError(f"{label}: nothing to import: the file has no rows")
     if "model_version" not in incoming.column_names:
         incoming = incoming.append_column("model_version", pa.array([IMPORTED_VERSION] * incoming.num_rows))
     incoming = incoming.select([*REQUIRED_COLUMNS, "model_version"])
@@ -103,8 +109,18 @@ def check_scores(store: Store, incoming: pa.Table, label: str) -> pa.Table:
             examples = "; ".join(f"row {r[0]}: " + ", ".join(repr(v) for v in r[1:]) for r in first)
             problems.append(f"{count} rows {what} (first: {examples})")
     if problems:
-        raise UserError(f"{label}: nothing imported, {len(problems)} problem(s):\n  "
-                        + "\n  ".join(problems))
+        raise UserError(f"{label}: nothing imported, {len(problems)} problem(s): " + "; ".join(problems))
+    if not replace:
+        changed = con.execute(
+            """SELECT c.row, c.set, c.image, c.prompt, s.score, c.value FROM checked c JOIN scores s
+               ON s.image_id = c.image_id AND s.text = c.prompt AND s.reward_model = c.reward_model
+               AND s.model_version = c.model_version WHERE s.score <> c.value ORDER BY c.row""").fetchall()
+        if changed:
+            examples = "; ".join(f"row {row}: {set_name!r}, {image!r}, {prompt!r}: stored {old!r}, file {new!r}"
+                                 for row, set_name, image, prompt, old, new in changed[:SHOWN_ROWS])
+            raise UserError(f"{label}: nothing imported: {len(changed)} rows have another score than the one "
+                            f"stored for their (set, image, prompt, reward_model, model_version) (first: "
+                            f"{examples}); --replace replaces the stored scores, a new model_version keeps both")
     return con.sql(
         """SELECT image_id, prompt AS text, reward_model, model_version, value AS score,
                   CAST(NULL AS VARCHAR) AS run_id, $now::TIMESTAMPTZ AS scored_at
@@ -113,20 +129,20 @@ def check_scores(store: Store, incoming: pa.Table, label: str) -> pa.Table:
     ).to_arrow_table()
 
 
-def import_scores(store: Store, path: str | Path, run_id: str | None = None) -> dict:
-    """Check and append a score file; re-importing the same file adds nothing."""
-    rows = check_scores(store, read_score_file(path), str(path))
+def import_scores(store: Store, path: str | Path, run_id: str | None = None, replace: bool = False) -> dict:
+    """Check and append a score file; re-importing the same file adds nothing. With `replace`,
+    the file's scores replace stored ones of the same key (all of them or, on failure, none)."""
+    rows = check_scores(store, read_score_file(path), str(path), replace)
     if run_id is not None:
         rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id",
                                pa.array([run_id] * rows.num_rows, pa.string()))
     try:
-        result = store.append_missing("scores", rows, compare="score")
-    except ValueError as exc:
-        raise UserError(f"{path}: nothing imported: {exc} (a new score for the same model needs "
-                        f"a new model_version)") from exc
+        result = store.append_missing("scores", rows, compare="score", replace=replace)
+    except ValueError as exc:  # scores stored by another process since the check
+        raise UserError(f"{path}: nothing imported: {exc} (--replace replaces them)") from exc
     models = sorted(set(rows.column("reward_model").to_pylist()))
-    return {"rows": rows.num_rows, "added": result.added,
-            "already_present": result.already_present, "reward_models": models}
+    return {"rows": rows.num_rows, "added": result.added, "already_present": result.already_present,
+            "replaced": result.replaced, "reward_models": models}
 
 
 
@@ -201,13 +217,14 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
     import torch
 
     from tia2.progress import progress_bar
+    from tia2.tracking import run_label
 
     pending = pending_pairs(store, model.name, model.version, sets, shard)
     by_image = list(pending.groupby("image_id", sort=False))
     report = ScoreReport()
     device = next(model.parameters()).device
     start = time.perf_counter()
-    with progress_bar(f"scoring with {model.name}", len(by_image), show=show_progress) as advance:
+    with progress_bar(f"scoring with {run_label(model.name, shard)}", len(by_image), show=show_progress) as advance:
         for first in range(0, len(by_image), batch_size):
             batch = by_image[first:first + batch_size]
             images, pairs_image, pairs_text, image_ids = [], [], [], []
@@ -242,6 +259,19 @@ def score_images(store: Store, model, sets: list[str] | None = None, batch_size:
     return report
 
 
+def _check_sets_have_images(store: Store, sets: list[str] | None) -> None:
+    """A UserError naming the sets asked for that have no image files to score."""
+    if not sets:
+        return
+    with_files = {s for (s,) in store.connect().execute(
+        "SELECT DISTINCT set FROM images WHERE path IS NOT NULL").fetchall()}
+    empty = sorted(set(sets) - with_files)
+    if empty:
+        raise UserError(f"no image files in set(s) {', '.join(empty)} (sets with image files: "
+                        f"{', '.join(sorted(with_files)) or 'none'}; register some with tia2 import-images "
+                        f"or make them with tia2 generate)")
+
+
 def record_score(store: Store, model_name: str, weights: str = "pretrained", sets: list[str] | None = None,
                  batch_size: int = 32, device: str = "cpu", fp16: bool = False, seed: int = 0,
                  parent_run_id: str | None = None, show_progress: bool = True,
@@ -251,16 +281,17 @@ def record_score(store: Store, model_name: str, weights: str = "pretrained", set
     import mlflow
 
     from tia2.models import create_reward_model
-    from tia2.tracking import stage_run
+    from tia2.tracking import run_label, stage_run
 
     if fp16 and not device.startswith("cuda"):
         raise UserError("--fp16 needs a GPU (--device cuda): half precision on the CPU is slow and inexact")
+    _check_sets_have_images(store, sets)
     model = create_reward_model(model_name, weights=weights, seed=seed, device=device)
     if fp16:
         model = model.half()
     params = {"reward_model": model.name, "model_version": model.version, "sets": sets or "all",
               "batch_size": batch_size, "device": device, "fp16": fp16, "shard": f"{shard[0]}/{shard[1]}"}
-    with stage_run("score", params, parent_run_id) as run:
+    with stage_run("score", params, parent_run_id, label=run_label(model.name, shard)) as run:
         report = score_images(store, model, sets, batch_size, run.info.run_id, show_progress, shard)
         mlflow.log_metrics({"images": report.images, "rows_added": report.rows_added,
                             "rows_superseded": report.rows_superseded,

@@ -101,7 +101,7 @@ def copy_store(store, dest: Path):
 # pytest-xdist (`make test` runs two workers) they share one worker, one after the other: two
 # servers starting at once on one machine raced for a port and timed out.
 PREFECT_SERVER_MODULES = {"test_concurrency", "test_dask", "test_deployments", "test_evaluate_finetune", "test_flow",
-                          "test_reproducible"}
+                          "test_pages", "test_reproducible"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -760,13 +760,11 @@ def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path, capsys):
         (["--algo", "refl", "--reward", "tiny-clip", "--set", "nope"], "no prompts in set(s) nope"),
         (["--algo", "rwr", "--reward", "tiny-clip", "--keep", "20", "--images-per-prompt", "10"], "keep (20) exceeds"),
         (["--algo", "refl", "--reward", "no-such-model"], "unknown reward model"),
+        (["--algo", "ppo", "--reward", "tiny-clip"], "invalid choice: 'ppo'"),
     ]:
         assert main(base + args) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as exit_info:
-        main(base + ["--algo", "ppo", "--reward", "tiny-clip"])
-    assert exit_info.value.code == 2
 
 
 def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, capsys):
@@ -792,10 +790,8 @@ def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, ca
     for beta, wins in betas.items():
         assert re.search(rf"^\s+{beta}\s+\w+\s+\d+\s+{wins}$", out, re.M), (beta, wins, out)
     for args, message in [(["--algo", "refl", "--kl-beta", "sweep"], "the KL coefficient sweep is RWR's"),
-                          (["--algo", "rwr", "--kl-beta", "-1"], "kl_beta must be >= 0")]:
+                          (["--algo", "rwr", "--kl-beta", "-1"], "kl_beta must be >= 0"),
+                          (["--algo", "rwr", "--kl-beta", "lots"], "must be a finite number or sweep (got 'lots')")]:
         assert main(base + args) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit):
-        main(base + ["--algo", "rwr", "--kl-beta", "lots"])
-    assert "expected a number or sweep, got 'lots'" in capsys.readouterr().err

@@ -75,7 +75,9 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
     def stages(parent):
         return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
 
-    assert stages(first_run) == {"ingest-tia2", "contrast", "score", "metrics"}
+    assert stages(first_run) == {"ingest-tia2", "contrast", "score tiny-clip", "metrics"}
+    # the parent run has the headline numbers
+    assert first_run.data.metrics["rows_scored"] == 96 and "counting/m1/auroc" in first_run.data.metrics
     assert stages(second_run) == set()  # every stage was cached
 
 
@@ -160,7 +162,10 @@ def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
                 if r.info.run_name == "tia2-benchmark"]
     page = (Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html"))
             .read_text())
-    assert "Caption ranking" in page and "tiny-imagereward" in page and "data:image/png;base64," in page
+    assert "Reward models on the scored images" in page and "tiny-imagereward" in page and "\\n" not in page
+    assert page.count('<img src="data:image/png;base64,') == 4  # score distributions, fine-tuning's three plots
+    # an image per prompt: 2 of each of 6 captions and 4 pool prompts, and the held-out ones beside the base's
+    assert page.count("<img class=thumb") == 2 * (6 + 4) + 2 * 2 * 3 and "No metrics against human labels" in page
     assert "sample-prompts" in page and f"report: {parent.info.artifact_uri}/report.html" in out.stdout
     assert "caption_top1" in out.stdout
     # the short fine-tune of the profile: ReFL on 4 counting prompts (the release has 2), 2 checkpoints
@@ -190,7 +195,7 @@ def test_a_bad_finetune_section_is_one_clear_error_before_any_work():
                               ({"reward": "tiny-clip", "algos": ["ppo"]}, "unknown algorithm"),
                               ({"reward": "tiny-clip", "evaluate": {"sets": ["counting"]}}, "needs `gold`"),
                               ({"reward": "tiny-clip", "settings": {"kl_beta": "lots"}}, "kl_beta must be a number"),
-                              ({"reward": "tiny-clip", "settings": {"steps": "10"}}, "steps must be a number")]:
+                              ({"reward": "tiny-clip", "settings": {"steps": "10"}}, "steps must be a whole number")]:
         with pytest.raises(UserError, match=message):
             finetune_section({"generator": "tiny-sd", "finetune": finetune})
 

@@ -113,7 +113,7 @@ def test_missing_scores_are_named(tmp_path, real_store, capsys):
     store = copy_store(real_store, tmp_path / "store")
     assert main(["metrics", "--store", str(store.root), "--reward", "gamma"]) == 2
     assert "no scores for reward model 'gamma'" in capsys.readouterr().err
-    assert main(["metrics", "--store", str(store.root), "--reward", "textnorm(alpha, contrast=llm)"]) == 2
+    assert main(["metrics", "--store", str(store.root), "--reward", "textnorm(alpha, tau=1, contrast=llm)"]) == 2
     assert "no contrast prompts of method 'llm'" in capsys.readouterr().err
     assert store.read("prompt_metrics").num_rows == 0
 

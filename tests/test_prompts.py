@@ -153,8 +153,9 @@ def test_bad_pools_are_one_line(tmp_path, capsys, content, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, message", [(["--n", "0"], "--n must be"), (["--n", "1000"], "--n must be"),
-                                           (["--k", "0"], "--k must be")])
+@pytest.mark.parametrize("args, message", [(["--n", "0"], "--n: must be a whole number of at least 1"),
+                                           (["--n", "1000"], "--n must be"),
+                                           (["--k", "0"], "--k: must be a whole number of at least 1")])
 def test_bad_sizes_are_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "pool.txt"
     path.write_text("\n".join(POOL))

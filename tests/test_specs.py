@@ -7,7 +7,6 @@ from tia2.specs import Mean, Model, TextNorm, UncertaintyRegularized, parse_spec
 @pytest.mark.parametrize("text, canonical", [
     ("pickscore", "pickscore"),
     ("  textnorm( pickscore ,tau = 0.01 )", "textnorm(pickscore, tau=0.01)"),
-    ("textnorm(clip)", "textnorm(clip, tau=1)"),
     ("textnorm(clip, tau=2, contrast=rules)", "textnorm(clip, tau=2, contrast=rules)"),
     ("mean(a,b , c)", "mean(a, b, c)"),
     ("ur(textnorm(imagereward,tau=1),textnorm(pickscore,tau=0.1),lam=0.5)",
@@ -37,6 +36,9 @@ def test_structure_and_models():
     ("textnorm(a, tau=nan)", "tau must be > 0"),
     ("ur(a, b, lam=-1)", "lam must be >= 0"),
     ("textnorm(a, tau=1", "unbalanced parentheses"),
+    ("textnorm(a)", "textnorm() needs tau=T"),
+    ("textnorm(a, contrast=rules)", "textnorm() needs tau=T"),
+    ("mean(" * 5000 + "a", "nested more than 50 functions deep"),
     ("mean(a, b))", "unbalanced parentheses"),
     ("mean(a)", "at least two specs"),
     ("textnorm(a, b)", "exactly one spec"),

@@ -1,11 +1,14 @@
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 
-from tia2.cli import main
+from tia2.cli import TABLE_VIEW_ROWS, main
+from tia2.store import TABLES, Store
 
 
 def test_select_prints_a_table_csv_and_json(real_store, capsys):
@@ -24,8 +27,8 @@ def test_select_prints_a_table_csv_and_json(real_store, capsys):
     ("CREATE TABLE x AS SELECT 1", "only read-only queries"),
     ("COPY prompts TO 'out.csv'", "only read-only queries"),
     ("ATTACH 'other.db'", "only read-only queries"),
-    ("INSTALL httpfs", "only read-only queries"),
-    ("LOAD httpfs", "only read-only queries"),
+    ("INSTALL httpfs", "only read-only queries (SELECT, EXPLAIN) are allowed, not INSTALL:"),
+    ("LOAD httpfs", "only read-only queries (SELECT, EXPLAIN) are allowed, not LOAD:"),
     ("SET enable_external_access = true", "only read-only queries"),
     ("SELECT * FROM read_csv('/etc/passwd')", "not allowed"),
     ("SELECT * FROM read_parquet('/tmp/../etc/x.parquet')", "not allowed"),
@@ -58,3 +61,60 @@ def test_store_from_environment(real_store, capsys, monkeypatch):
     monkeypatch.chdir(os.path.dirname(real_store.root))
     assert main(["sql", "SELECT count(*) AS n FROM prompts", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == "550"
+
+
+@pytest.fixture
+def empty_store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+def test_the_table_view_shows_the_first_rows_and_says_how_to_get_all(empty_store, capsys):
+    query = "SELECT range AS i FROM range(250)"
+    assert main(["sql", query, "--store", str(empty_store.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.strip() for line in lines[1:-1]] == [str(i) for i in range(TABLE_VIEW_ROWS)]
+    assert lines[-1] == f"(the first {TABLE_VIEW_ROWS} rows; more with --limit N, all with --limit 0 or --csv/--json)"
+    assert main(["sql", query, "--limit", "0", "--store", str(empty_store.root)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "(250 rows)"
+    assert main(["sql", query, "--limit", "250", "--store", str(empty_store.root)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "(250 rows)"  # all of them: no note
+    assert main(["sql", query, "--limit", "-1", "--store", str(empty_store.root)]) == 2
+    assert "--limit: must be a whole number of at least 0 (got '-1')" in capsys.readouterr().err
+
+
+def test_csv_and_json_stream_every_row_in_bounded_memory(empty_store, capsys, tmp_path):
+    out = tmp_path / "out.csv"
+    main(["sql", "SELECT 1", "--csv", "--store", str(empty_store.root)])  # first imports: not the rows
+    capsys.readouterr()
+    with out.open("w") as fh, contextlib.redirect_stdout(fh):
+        tracemalloc.start()
+        try:
+            assert main(["sql", "SELECT range AS i FROM range(200000)", "--csv", "--store", str(empty_store.root)]) == 0
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert out.read_text().splitlines() == ["i", *map(str, range(200000))]
+    assert peak < 5e6  # all 200,000 rows at once, as Python tuples: about 18 MB
+    with empty_store.stream_readonly("SELECT * FROM range(25000)", batch_rows=10000) as (columns, batches):
+        assert columns == ["range"] and [len(b) for b in batches] == [10000, 10000, 5000]
+    assert main(["sql", "SELECT range AS i FROM range(5)", "--json", "--limit", "3",
+                 "--store", str(empty_store.root)]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert main(["sql", "SELECT 1 AS i WHERE false", "--json", "--store", str(empty_store.root)]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_query_failing_halfway_is_one_line(empty_store, capsys):
+    query = "SELECT CAST(CASE WHEN range < 15000 THEN '1' ELSE 'x' END AS INTEGER) FROM range(20000)"
+    assert main(["sql", query, "--csv", "--store", str(empty_store.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tia2 sql: error: SQL error: Conversion Error") and err.count("\n") == 1
+
+
+def test_help_lists_every_table_with_its_columns(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["sql", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in TABLES.items():
+        assert f" {name} {', '.join(spec.schema.names)}" in text

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
 import sys
 import textwrap
@@ -18,37 +20,81 @@ environment:
   TIA2_STORE           store root: a folder or a file:// URL (default ./storage); --store overrides it
   TIA2_SOURCE          folder or URL of the TIA2 release, for ingest-tia2 and benchmark
   MLFLOW_TRACKING_URI  MLflow tracking store (default sqlite:///<cwd>/mlruns/mlflow.db)
+  PREFECT_HOME         Prefect's state for benchmark (default ./.prefect)
   HF_HUB_OFFLINE=1     load model weights only from the local cache (no network)
+
+state: where these are not set, a command keeps its state in the folder it runs in (./storage,
+  ./mlruns, ./.prefect), wherever the project is; `tia2 benchmark` ends by saying where it went.
 """
 
 
-def _store(args, create: bool = True):
+def _store(args, create: bool = True, write: bool = True):
+    """The store of --store or $TIA2_STORE; for a command that writes to it, checked to be writable
+    before any work."""
     from tia2.store import Store
 
-    return Store(args.store or default_store_root(), create=create)
+    store = Store(args.store or default_store_root(), create=create)
+    if write:
+        store.check_writable()
+    return store
 
 
-def _csv_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _number(kind: type, minimum: float | None = None, *, above: float | None = None,
+            word: str | None = None, meaning=None):
+    """An argparse type: a finite number of `kind` (int or float), at least `minimum` or more than
+    `above` when given, or the keyword `word` (which stands for `meaning`)."""
+    expected = "a whole number" if kind is int else "a finite number"
+    if minimum is not None:
+        expected += f" of at least {minimum:g}"
+    if above is not None:
+        expected += f" above {above:g}"
+    if word is not None:
+        expected += f" or {word}"
 
-
-def _number_or(word: str, kind: type, meaning):
-    """An argparse type: a number of `kind`, or `word` (which stands for `meaning`)."""
     def parse(text: str):
-        if text == word:
+        if word is not None and text == word:
             return meaning
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'} or {word}, got {text!r}") from None
+            value = math.nan
+        if not (math.isfinite(value) and (minimum is None or value >= minimum) and (above is None or value > above)):
+            raise argparse.ArgumentTypeError(f"must be {expected} (got {text!r})")
+        return value
     return parse
 
 
-_batch_size = _number_or("auto", int, None)  # None: from the GPU's free memory
+_count = _number(int, minimum=1)  # sizes, steps, limits: zero or fewer would do nothing
+_finite = _number(float)
+_batch_size = _number(int, minimum=1, word="auto", meaning=None)  # None: from the GPU's free memory
+
+
+def _csv_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated finite numbers, at least one."""
+    try:
+        values = tuple(_finite(x) for x in text.split(",") if x.strip())
+    except argparse.ArgumentTypeError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated finite numbers (got {text!r})")
+    return values
+
+
+def _device(name: str) -> str:
+    """An argparse type: a torch device this machine has (tia2.devices)."""
+    from tia2.devices import resolve_device
+
+    try:
+        return resolve_device(name)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _set_name(text: str) -> str:
+    """An argparse type: the name of a set to create."""
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"a set name must be non-empty, without surrounding spaces (got {text!r})")
+    return text
 
 
 # --- subcommands ------------------------------------------------------------------------------
@@ -77,9 +123,10 @@ def _all_sets():
 def cmd_import_scores(args) -> int:
     from tasks.score import import_scores
 
-    result = import_scores(_store(args, create=False), args.file)
+    result = import_scores(_store(args, create=False), args.file, replace=args.replace)
     print(f"{args.file}: {result['rows']} rows checked, {result['added']} added, "
-          f"{result['already_present']} already present "
+          + (f"{result['replaced']} replaced, " if args.replace else "")
+          + f"{result['already_present']} already present "
           f"(reward models: {', '.join(result['reward_models'])})")
     return 0
 
@@ -155,8 +202,6 @@ def cmd_score(args) -> int:
 def cmd_generate(args) -> int:
     from tasks.generate import record_generate
 
-    if args.images_per_prompt < 1 or args.steps < 1 or (args.batch_size or 1) < 1:
-        raise UserError("--images-per-prompt, --steps and --batch-size must be at least 1")
     report = record_generate(_store(args, create=False), args.model, "random" if args.random_init else args.weights,
                              args.set, args.images_per_prompt, args.steps, args.guidance, args.seed,
                              args.batch_size, args.max_prompts, args.device, args.lora, args.dtype,
@@ -198,7 +243,7 @@ def cmd_metrics(args) -> int:
 def cmd_tune(args) -> int:
     from tasks.metrics import DEFAULT_LAMS, DEFAULT_TAUS, record_tune
 
-    result = record_tune(_store(args, create=False), args.reward_model, args.set,
+    result = record_tune(_store(args, create=False, write=False), args.reward_model, args.set,
                          args.tau or DEFAULT_TAUS, args.lam or DEFAULT_LAMS)
     print("best values by the mean of AP@5, AP@10, AP@25 (TextNorm paper §4.3):")
     for row in result.best.itertuples():
@@ -207,20 +252,37 @@ def cmd_tune(args) -> int:
     return 0
 
 
+TABLE_VIEW_ROWS = 100  # the rows `tia2 sql` shows as a table unless --limit says otherwise: a look, not a dump
+
+
 def cmd_sql(args) -> int:
-    columns, rows = _store(args, create=False).query_readonly(args.query)
-    if args.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    elif args.json:
-        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
-    else:
-        _print_table(columns, rows)
+    limit = args.limit if args.limit is not None else 0 if args.csv or args.json else TABLE_VIEW_ROWS
+    with _store(args, create=False, write=False).stream_readonly(args.query) as (columns, batches):
+        rows = itertools.chain.from_iterable(batches)
+        try:
+            if args.csv:
+                writer = csv.writer(sys.stdout)
+                writer.writerow(columns)
+                writer.writerows(itertools.islice(rows, limit or None))
+            elif args.json:
+                _write_json(columns, itertools.islice(rows, limit or None))
+            else:
+                shown = list(itertools.islice(rows, limit or None))
+                _print_table(columns, shown, more=next(rows, None) is not None)
+        except BrokenPipeError:  # e.g. `| head`: the reader has what it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def _print_table(columns: list[str], rows: list[tuple]) -> None:
+def _write_json(columns: list[str], rows) -> None:
+    """A JSON list of records, written as the rows come."""
+    sys.stdout.write("[")
+    for i, row in enumerate(rows):
+        sys.stdout.write(("," if i else "") + "\n " + json.dumps(dict(zip(columns, row)), default=str))
+    sys.stdout.write("\n]\n")
+
+
+def _print_table(columns: list[str], rows: list[tuple], more: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -228,7 +290,8 @@ def _print_table(columns: list[str], rows: list[tuple]) -> None:
     for row in rows:
         table.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 200)).print(table)
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    count = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    print(f"(the first {count}; more with --limit N, all with --limit 0 or --csv/--json)" if more else f"({count})")
 
 
 def cmd_finetune(args) -> int:
@@ -284,7 +347,7 @@ def cmd_evaluate(args) -> int:
     print(f"{len(result.adapters)} adapter(s) against {result.generator} on {len(result.prompts)} held-out prompts x "
           f"{args.images_per_prompt} images ({result.images_made} images made, {result.rows_scored} score rows added)")
     print("wins/ties/losses of the matched pairs (same prompt and seed) against the base model:")
-    print(wins_table(result).to_string())
+    print(wins_table(result.win_tie_loss).to_string())
     print(f"\nproxy {result.proxy}, gold {result.gold}: means over fine-tuning steps (step 0: the base model)")
     print(result.steps_curve.drop(columns=["run"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("best-of-n of the base model's images by the proxy")
@@ -293,10 +356,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from flows.tia2_benchmark import resolve_config, tia2_benchmark
+    from tia2.config import resolve_config
 
     overrides = {"store": args.store} if args.store else {}
     config = resolve_config(args.config, overrides)  # a user mistake stops here, in one line
+    from flows.tia2_benchmark import tia2_benchmark  # Prefect: only once the config is right
+
     summary = tia2_benchmark(config=args.config, overrides=overrides)
     ingest = summary["ingest"]
     print("TIA2 in the store: " + ", ".join(
@@ -327,14 +392,35 @@ def cmd_benchmark(args) -> int:
               f"{tuned['final_mean_reward']:.4f} against the base model's {tuned['base_mean_reward']:.4f} (beats it "
               f"{tuned['final_wins']}); selected step {tuned['selected_step']}")
         if tuned.get("evaluation"):
+            import pandas as pd
+
+            from tasks.evaluate_finetune import wins_table
+
             evaluation = tuned["evaluation"]
             print(f"  on {evaluation['heldout_prompts']} held-out prompts, wins/ties/losses against the base "
-                  f"model:\n{evaluation['win_tie_loss']}\n  proxy {evaluation['proxy']} and gold "
-                  f"{evaluation['gold']} over the steps:\n{evaluation['steps_curve']}")
+                  f"model:\n{wins_table(pd.DataFrame(evaluation['win_tie_loss'])).to_string()}\n  proxy "
+                  f"{evaluation['proxy']} and gold {evaluation['gold']} over the steps:\n"
+                  f"{pd.DataFrame(evaluation['steps_curve']).to_string(index=False)}")
+    from tia2.store import Store
+    from tia2.tracking import run_page_url
+
     print(f"report: {summary['report']}")
-    print(f"MLflow run {summary['mlflow_run_id']} (mlflow ui --backend-store-uri "
-          f"{_tracking_uri()})")
+    print(f"state: store {Store(config['store'], create=False).root}, MLflow {_tracking_uri()}, "
+          f"Prefect {os.environ['PREFECT_HOME']}")
+    run_id = summary["mlflow_run_id"]
+    print(f"MLflow run {run_id}: " + (run_page_url(run_id) or (
+        f"mlflow ui --backend-store-uri {_tracking_uri()}, then "
+        f"{run_page_url(run_id, server='http://127.0.0.1:5000')}")))
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tia2")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed: pip install -e .)"
 
 
 def _tracking_uri() -> str:
@@ -344,16 +430,27 @@ def _tracking_uri() -> str:
 
 
 # --- the parser ---------------------------------------------------------------------------------
+class CommandLineError(Exception):
+    """A mistake in the command line found by argparse; its text names the command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like a UserError (argparse would print the usage before it and exit).
+        raise CommandLineError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS,
                         help="store root (default: $TIA2_STORE or ./storage)")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tia2", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark text-to-image reward models against human labels (TIA2) and "
                     "fine-tune generators against them.",
         epilog=EPILOG)
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: local mlruns/)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help_text, description=""):
@@ -377,15 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
             set, image, prompt, reward_model, score   [, model_version]
         one row per (image, text scored against, reward model): the caption and any contrast
         prompt of the image. Every row is checked against the store (known image, known prompt
-        for that image, finite score, no repeated key); on any problem nothing is written.""")
+        for that image, finite score, no repeated key, no other score already stored for the key
+        unless --replace); on any problem nothing is written.""")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--replace", action="store_true",
+                   help="replace stored scores of the same key with the file's (all or, on failure, none)")
 
     p = add("import-images", cmd_import_images, "register image files (with their sha256) for scoring", """\
         Register image files so they can be scored. If SET is already in the store (a TIA2 set),
         files are matched to its images by file name (e.g. the TIA2 JPEGs you downloaded).
         Otherwise FOLDER is laid out by caption, FOLDER/<caption>/<image files>, and becomes a
         new set of prompts and images.""")
-    p.add_argument("--set", required=True, metavar="SET")
+    p.add_argument("--set", type=_set_name, required=True, metavar="SET")
     p.add_argument("folder", metavar="FOLDER")
 
     p = add("sample-prompts", cmd_sample_prompts, "pick diverse prompts from a pool, or write TIA2's synthetic prompts", """\
@@ -404,10 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pool", metavar="FILE", help="the prompt pool to select from")
     source.add_argument("--synthetic", action="append", choices=["counting", "composition"],
                         help="write this synthetic TIA2 set (repeatable)")
-    p.add_argument("--n", type=int, default=100, help="prompts to select (default 100)")
-    p.add_argument("--k", type=int, default=150, help="neighbours per prompt in the graph (default 150, the paper's)")
+    p.add_argument("--n", type=_count, default=100, help="prompts to select (default 100)")
+    p.add_argument("--k", type=_count, default=150, help="neighbours per prompt in the graph (default 150, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="breaks ties between equal scores (default 0)")
-    p.add_argument("--set-name", default="selected", metavar="NAME", help="set of the selected prompts (default selected)")
+    p.add_argument("--set-name", type=_set_name, default="selected", metavar="NAME", help="set of the selected prompts (default selected)")
 
     from tasks.contrast import LLMSettings
 
@@ -431,15 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible API, e.g. http://localhost:8000/v1 "
                    "(default: $OPENAI_BASE_URL, else OpenAI's)")
     p.add_argument("--llm-model", default=llm.model, metavar="MODEL", help=f"(default {llm.model}, the paper's)")
-    p.add_argument("--temperature", type=float, default=llm.temperature, metavar="T",
+    p.add_argument("--temperature", type=_finite, default=llm.temperature, metavar="T",
                    help=f"sampling temperature (default {llm.temperature:g}, the paper's)")
-    p.add_argument("--frequency-penalty", type=float, default=llm.frequency_penalty, metavar="P",
+    p.add_argument("--frequency-penalty", type=_finite, default=llm.frequency_penalty, metavar="P",
                    help=f"(default {llm.frequency_penalty:g}, the paper's)")
     p.add_argument("--llm-api-key-env", default=llm.api_key_env, metavar="VAR",
                    help=f"environment variable holding the API key (default {llm.api_key_env})")
-    p.add_argument("--llm-timeout", type=float, default=llm.timeout, metavar="SECONDS",
+    p.add_argument("--llm-timeout", type=_number(float, above=0), default=llm.timeout, metavar="SECONDS",
                    help=f"per request (default {llm.timeout:g})")
-    p.add_argument("--llm-retries", type=int, default=llm.retries, metavar="N",
+    p.add_argument("--llm-retries", type=_number(int, minimum=0), default=llm.retries, metavar="N",
                    help=f"retries after a timeout, 429 or 5xx, with exponential backoff (default {llm.retries})")
 
     from tia2.models import list_models
@@ -451,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         Models: """ + ", ".join(list_models()))
     p.add_argument("--reward-model", required=True, metavar="NAME")
     p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--batch-size", type=_count, default=32, metavar="N", help="images per batch (default 32)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU only)")
     p.add_argument("--weights", default="pretrained", metavar="PATH",
                    help="released weights from the hub/HF cache (default) or a local file/folder")
@@ -467,16 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
         byte for byte, whatever the batch size). Files are content-addressed under the store's
         images/; a re-run makes only the missing images. Generators: """ + ", ".join(list_generators()))
     p.add_argument("--model", required=True, metavar="ID", help="generator name (e.g. sd-2-1, tiny-sd)")
-    p.add_argument("--images-per-prompt", type=int, default=1, metavar="N")
+    p.add_argument("--images-per-prompt", type=_count, default=1, metavar="N")
     p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50, TextNorm paper)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--steps", type=_count, default=50, help="denoising steps (default 50, TextNorm paper)")
+    p.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="images per batch, across prompts (default auto: on a GPU, as many as its free "
                         "memory holds, measured with two short runs; on the CPU 4)")
-    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N prompts of each set")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-prompts", type=_count, metavar="N", help="only the first N prompts of each set")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--weights", default="pretrained", metavar="PATH",
                    help="released weights (hub / HF cache, default) or a local diffusers folder")
     p.add_argument("--random-init", action="store_true", help="the full-size architecture with random weights")
@@ -520,14 +620,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=_csv_list, metavar="T1,T2,...", help="tau grid (default: 16 values 0.001..100)")
     p.add_argument("--lam", type=_csv_list, metavar="L1,L2,...", help="lambda grid (default: 0..10)")
 
-    p = add("sql", cmd_sql, "run a read-only SQL query over the store's tables", """\
-        Run one read-only query (SELECT, EXPLAIN) over the DuckDB catalog of the store. Tables:
-        prompts, contrast_prompts, images, labels, scores, prompt_metrics.
-        Example: tia2 sql "SELECT reward, set, avg(auroc) FROM prompt_metrics GROUP BY ALL" """)
+    from tia2.store import TABLES
+
+    p = add("sql", cmd_sql, "run a read-only SQL query over the store's tables", textwrap.dedent("""\
+        Run one read-only query (SELECT, EXPLAIN) over the DuckDB catalog of the store.
+        --csv and --json print every row as it comes; the table view shows the first rows.
+        Example: tia2 sql "SELECT reward, set, avg(auroc) FROM prompt_metrics GROUP BY ALL"
+
+        tables and their columns:
+        """) + "\n".join(textwrap.fill(", ".join(spec.schema.names), width=100, initial_indent=f"  {name:<22}",
+                                       subsequent_indent=" " * 24) for name, spec in TABLES.items()))
     p.add_argument("query", metavar="QUERY")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON records")
+    p.add_argument("--limit", type=_number(int, minimum=0), metavar="N",
+                   help=f"print at most N rows (default {TABLE_VIEW_ROWS} in the table view, all with --csv/--json; "
+                        f"0: all)")
 
     p = add("finetune", cmd_finetune, "fine-tune a generator's UNet with LoRA against a reward spec", """\
         Fine-tune LoRA weights of the UNet (attention projections; the base stays frozen) on the
@@ -559,32 +668,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", required=True, metavar="SPEC", help="the reward spec to maximise")
     p.add_argument("--model", required=True, metavar="ID", help="generator (tiny-sd, sd-2-1, sd-2-1-base)")
     p.add_argument("--set", action="append", metavar="NAME", help="training prompts of this set (repeatable)")
-    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N prompts of each set")
-    p.add_argument("--steps", type=int, metavar="N", help="target optimizer steps (default rwr 1000, ddpo 500, refl 1000)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="(default 100)")
+    p.add_argument("--max-prompts", type=_count, metavar="N", help="only the first N prompts of each set")
+    p.add_argument("--steps", type=_count, metavar="N", help="target optimizer steps (default rwr 1000, ddpo 500, refl 1000)")
+    p.add_argument("--checkpoint-every", type=_count, metavar="N", help="(default 100)")
     p.add_argument("--seed", type=int, help="(default 0)")
-    p.add_argument("--denoise-steps", type=int, metavar="N", help="sampling steps (default 50; refl 40)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5; ddpo 5)")
-    p.add_argument("--learning-rate", type=float, metavar="LR")
-    p.add_argument("--batch-size", type=int, metavar="N")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank, alpha = rank (default 4)")
-    p.add_argument("--images-per-prompt", type=int, metavar="N", help="rwr: images per prompt (default 100)")
-    p.add_argument("--keep", type=int, metavar="K", help="rwr: top K per prompt (default 10)")
-    p.add_argument("--kl-beta", type=_number_or("sweep", float, "sweep"), metavar="B|sweep",
+    p.add_argument("--denoise-steps", type=_count, metavar="N", help="sampling steps (default 50; refl 40)")
+    p.add_argument("--guidance", type=_finite, help="classifier-free guidance (default 7.5; ddpo 5)")
+    p.add_argument("--learning-rate", type=_number(float, above=0), metavar="LR")
+    p.add_argument("--batch-size", type=_count, metavar="N")
+    p.add_argument("--lora-rank", type=_count, metavar="R", help="LoRA rank, alpha = rank (default 4)")
+    p.add_argument("--images-per-prompt", type=_count, metavar="N", help="rwr: images per prompt (default 100)")
+    p.add_argument("--keep", type=_count, metavar="K", help="rwr: top K per prompt (default 10)")
+    p.add_argument("--kl-beta", type=_number(float, word="sweep", meaning="sweep"), metavar="B|sweep",
                    help="rwr: KL coefficient (default 0.5); `sweep`: a run for each of 0, 0.25, 0.5, 0.75 and 1, "
                         "then the one whose selected checkpoint beats the base model on the most images "
                         "(TextNorm paper, Appendix A.2)")
-    p.add_argument("--samples-per-iteration", type=int, metavar="N", help="ddpo (default 256)")
-    p.add_argument("--refl-lambda", type=float, metavar="L", help="refl: reward loss scale (default 1e-3)")
+    p.add_argument("--samples-per-iteration", type=_count, metavar="N", help="ddpo (default 256)")
+    p.add_argument("--refl-lambda", type=_finite, metavar="L", help="refl: reward loss scale (default 1e-3)")
     p.add_argument("--refl-sampler", choices=["ddpm", "ddim"],
                    help="refl: the steps to the gradient step; ddpm (default): ReFL.py's stochastic DDPM without "
                         "guidance; ddim: deterministic DDIM with --guidance")
     p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"],
                    help="autocast of the UNet and VAE (default fp32; LoRA weights and optimizer stay fp32); fp16, "
                         "as the papers trained, scales the loss against underflowing gradients")
-    p.add_argument("--eval-images-per-prompt", type=int, metavar="N",
+    p.add_argument("--eval-images-per-prompt", type=_count, metavar="N",
                    help="images per prompt for each checkpoint's comparison with the base (default 4)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--weights", default="pretrained", metavar="PATH", help="generator weights (released or a folder)")
     p.add_argument("--random-init", action="store_true", help="the generator's architecture with random weights")
 
@@ -613,25 +722,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", metavar="SPEC", help="the optimised reward (default: the adapters' training reward)")
     p.add_argument("--reward", action="append", metavar="SPEC", help="another reward spec to compare with (repeatable)")
     p.add_argument("--set", action="append", metavar="NAME", help="held-out prompts of this set (repeatable; default all)")
-    p.add_argument("--max-prompts", type=int, metavar="N", help="only the first N held-out prompts of each set")
-    p.add_argument("--images-per-prompt", type=int, default=4, metavar="N",
+    p.add_argument("--max-prompts", type=_count, metavar="N", help="only the first N held-out prompts of each set")
+    p.add_argument("--images-per-prompt", type=_count, default=4, metavar="N",
                    help="images per prompt and model; best-of-n goes up to N (default 4)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--steps", type=_count, default=50, help="denoising steps per image (default 50)")
+    p.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the images (default 0)")
-    p.add_argument("--tol", type=float, default=1e-6,
+    p.add_argument("--tol", type=_number(float, minimum=0), default=1e-6,
                    help="a pair whose values differ by at most this is a tie (default 1e-6)")
     p.add_argument("--reward-weights", default="pretrained", metavar="random|pretrained|PATH",
                    help="the reward models' weights (default pretrained)")
     p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="images per generation batch (default auto, as for generate)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
 
     from tia2.config import CONFIG_KEYS
 
     p = add("benchmark", cmd_benchmark, "run the tia2-benchmark flow locally (no server needed)",
-            "Run the tia2-benchmark Prefect flow in this process. Config keys:\n"
-            + "\n".join(f"  {k:<12} {v}" for k, v in CONFIG_KEYS.items()))
+            "Run the tia2-benchmark Prefect flow in this process. Config keys (all checked before any work):\n"
+            + "\n".join(f"  {k:<12} {v.meaning}" for k, v in CONFIG_KEYS.items()))
     p.add_argument("--config", default="tiny", metavar="PROFILE|FILE",
                    help="profile name in configs/ (tiny, paper) or a YAML file (default: tiny)")
     return parser
@@ -639,7 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except CommandLineError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     args.store = getattr(args, "store", None)
     if args.mlflow_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow_uri

@@ -76,6 +76,7 @@ def _num(x: float) -> str:
     return repr(float(x)).removesuffix(".0") if float(x).is_integer() else repr(float(x))
 
 
+MAX_NESTING = 50  # far beyond any real spec; deeper would exhaust Python's recursion
 _TOKEN = re.compile(r"\s*(?:(?P<word>[A-Za-z0-9_.\-/@:+]+)|(?P<punct>[(),=])|(?P<bad>\S))")
 
 
@@ -89,11 +90,13 @@ class _Parser:
             kind = "word" if m.group("word") else "punct"
             self.tokens.append((kind, m.group(kind), m.start(kind)))
         self.pos = 0
+        self.depth = 0  # functions open at the current token
 
     def fail(self, message: str, column: int | None = None):
         if column is None:
             column = self.tokens[self.pos][2] if self.pos < len(self.tokens) else len(self.text)
-        raise UserError(f"bad reward spec {self.text!r}: {message} (at column {column + 1})")
+        shown = self.text if len(self.text) <= 120 else self.text[:120] + "..."  # one readable line
+        raise UserError(f"bad reward spec {shown!r}: {message} (at column {column + 1})")
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -119,6 +122,9 @@ class _Parser:
             return Model(name, version or None)
         if word not in _FUNCTIONS:
             self.fail(f"unknown function {word!r} (known: {', '.join(sorted(_FUNCTIONS))})", column)
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            self.fail(f"nested more than {MAX_NESTING} functions deep", column)
         self.take("(")
         positional, keywords = [], {}
         while True:
@@ -142,6 +148,7 @@ class _Parser:
                 break
             if separator[1] != ",":
                 self.fail("expected ',' or ')'", separator[2])
+        self.depth -= 1
         return _FUNCTIONS[word](self, word, column, positional, keywords)
 
     def number(self, fn: str, name: str, raw: tuple[str, int], *, positive: bool) -> float:
@@ -167,7 +174,9 @@ def _textnorm(p: _Parser, fn, column, positional, keywords) -> Spec:
     _check_keywords(p, fn, keywords, {"tau", "contrast"}, column)
     if len(positional) != 1:
         p.fail(f"textnorm() takes exactly one spec, got {len(positional)}", column)
-    tau = p.number(fn, "tau", keywords["tau"], positive=True) if "tau" in keywords else 1.0
+    if "tau" not in keywords:  # no default: the best tau differs by orders of magnitude between models
+        p.fail("textnorm() needs tau=T, its temperature (tia2 tune finds the best)", column)
+    tau = p.number(fn, "tau", keywords["tau"], positive=True)
     contrast = keywords.get("contrast", ("dataset", 0))[0]
     return TextNorm(positional[0], tau, contrast)
 

@@ -24,6 +24,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import pyarrow as pa
@@ -252,6 +253,7 @@ def stable_id(*parts: str) -> str:
 class AppendResult:
     added: int
     already_present: int
+    replaced: int = 0  # stored rows given a new value (append_missing with replace)
 
 
 class Store:
@@ -348,7 +350,15 @@ class Store:
         return h.hexdigest()[:16]
 
     def query_readonly(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run one read-only statement through the catalog (what `tia2 sql` runs).
+        """The column names and all rows of one read-only statement (see `stream_readonly`)."""
+        with self.stream_readonly(sql) as (columns, batches):
+            return columns, [row for batch in batches for row in batch]
+
+    @contextlib.contextmanager
+    def stream_readonly(self, sql: str, batch_rows: int = 10_000):
+        """Run one read-only statement through the catalog (what `tia2 sql` runs): yields its
+        column names and its rows in lists of at most `batch_rows`, fetched as they are read, so
+        a big result never sits in memory whole.
 
         Only SELECT / EXPLAIN are accepted, the catalog is opened read-only, and DuckDB is locked
         to the store's folder: no attaching, extension loading or file access outside it.
@@ -361,28 +371,33 @@ class Store:
             raise UserError(f"give exactly one SQL statement (got {len(statements)})")
         kind = statements[0].type
         if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
-            raise UserError(f"only read-only queries (SELECT, EXPLAIN) are allowed, not "
-                            f"{kind.name}: the catalog is read-only; change data with tia2 commands")
+            raise UserError(f"only read-only queries (SELECT, EXPLAIN) are allowed, not {_statement_name(statements[0])}: "
+                            f"the catalog is read-only; change data with tia2 commands")
         self.refresh_catalog()
         config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
         with duckdb.connect(str(self.catalog_path), read_only=True, config=config) as con:
             con.execute(f"SET allowed_directories = ['{str(self.root).replace(chr(39), chr(39) * 2)}/']")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
-            try:
+            with _sql_errors():
                 cursor = con.execute(sql)
-                return [d[0] for d in cursor.description], cursor.fetchall()
-            except duckdb.PermissionException as exc:
-                raise UserError(f"not allowed: {str(exc).splitlines()[0]} (queries may only read "
-                                f"the store's tables)") from exc
-            except duckdb.Error as exc:
-                raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+            yield [d[0] for d in cursor.description], _fetch_batches(cursor, batch_rows)
 
     # --- writing -------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """A UserError now, before any work, when this process may not write to the store."""
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"cannot write to the store at {self.root}: it is read-only for this user")
+
     @contextlib.contextmanager
     def lock(self, table: str):
-        """Exclusive lock on one table across processes, for a read-modify-write."""
-        with open(self.root / ".locks" / f"{table}.lock", "w") as fh:
+        """Exclusive lock on one table across processes, for a read-modify-write. Every write takes
+        one first, so a store this process cannot write fails here, before anything changes."""
+        try:
+            fh = open(self.root / ".locks" / f"{table}.lock", "w")
+        except OSError as exc:
+            raise UserError(f"cannot write to the store at {self.root}: {exc.strerror}") from exc
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -444,37 +459,54 @@ class Store:
             self._write_file(self._file(table), merged.select(spec.schema.names).cast(spec.schema))
         return added
 
-    def append_missing(self, table: str, rows: pa.Table, *, compare: str) -> AppendResult:
+    def append_missing(self, table: str, rows: pa.Table, *, compare: str, replace: bool = False) -> AppendResult:
         """Append the rows whose key is not yet stored (an append-only table).
 
         A stored row with the same key but a different value in column `compare` is a conflict:
-        nothing is written and ValueError names how many there are.
+        nothing is written and ValueError names how many there are. With `replace` such stored
+        rows are replaced instead (corrected imported scores): every new file (the parts that
+        lose rows, one part of the new rows) is written before any stored file changes, then
+        renamed into place, so a failure leaves the table as it was.
         """
         spec = TABLES[table]
         assert spec.append_only
         rows = self.conform(table, rows)
         key = ", ".join(f'"{k}"' for k in spec.key)
+        same_key = " AND ".join(f'n."{k}" = o."{k}"' for k in spec.key)
         with self.lock(table), self.connect() as con:
             con.register("new_rows", rows)
-            conflicts = con.execute(
-                f"SELECT count(*) FROM new_rows n JOIN {table} o USING ({key}) "
-                f'WHERE n."{compare}" IS DISTINCT FROM o."{compare}"'
-            ).fetchall()[0][0]
-            if conflicts:
-                raise ValueError(
-                    f"{conflicts} rows have a key already stored in {table!r} with a different "
-                    f"{compare}"
-                )
-            fresh = con.sql(
-                f"SELECT * FROM new_rows ANTI JOIN {table} USING ({key})"
-            ).to_arrow_table()
-            if fresh.num_rows:
-                first_part = not self._parts(table)
-                part = self.root / table / f"part-{uuid.uuid4().hex}.parquet"
-                self._write_file(part, fresh.select(spec.schema.names).cast(spec.schema))
-                if first_part:
-                    self.refresh_catalog()
-        return AppendResult(added=fresh.num_rows, already_present=rows.num_rows - fresh.num_rows)
+            fresh = con.sql(f'SELECT n.* FROM new_rows n ANTI JOIN {table} o ON {same_key} '
+                            f'AND n."{compare}" IS NOT DISTINCT FROM o."{compare}"').to_arrow_table()
+            con.register("fresh", fresh)
+            changed = con.execute(f"SELECT count(*) FROM fresh SEMI JOIN {table} USING ({key})").fetchall()[0][0]
+            if changed and not replace:
+                raise ValueError(f"{changed} rows have a key already stored in {table!r} with a different {compare}")
+            staged, emptied = [], []  # (temporary file, its name once committed); parts left without rows
+            try:
+                for part in self._parts(table) if changed else []:
+                    stored = pq.read_table(part, schema=spec.schema)
+                    con.register("stored", stored)
+                    kept = con.sql(f"SELECT * FROM stored ANTI JOIN fresh USING ({key})").to_arrow_table()
+                    if kept.num_rows == 0:
+                        emptied.append(part)
+                    elif kept.num_rows < stored.num_rows:
+                        staged.append((self._stage_file(part, kept.cast(spec.schema)), part))
+                if fresh.num_rows:
+                    part = self.root / table / f"part-{uuid.uuid4().hex}.parquet"
+                    staged.append((self._stage_file(part, fresh.select(spec.schema.names).cast(spec.schema)), part))
+            except BaseException:
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                raise
+            had_parts = bool(self._parts(table))
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            for part in emptied:
+                part.unlink()
+            if had_parts != bool(self._parts(table)):
+                self.refresh_catalog()
+        return AppendResult(added=fresh.num_rows - changed, already_present=rows.num_rows - fresh.num_rows,
+                            replaced=changed)
 
     def delete_rows(self, table: str, where: str, params: dict) -> int:
         """Remove the rows of an append-only table that match `where` (SQL over the part, as
@@ -501,12 +533,22 @@ class Store:
         return sum(count for _, count in doomed)
 
     @staticmethod
-    def _write_file(path: Path, table: pa.Table) -> None:
+    def _stage_file(path: Path, table: pa.Table) -> Path:
+        """Write `table` to a temporary file beside `path`, on disk; renaming it to `path` commits it."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             pq.write_table(table, tmp, compression="zstd")
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    @classmethod
+    def _write_file(cls, path: Path, table: pa.Table) -> None:
+        tmp = cls._stage_file(path, table)
+        try:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -541,6 +583,34 @@ _DUCKDB_TYPES = {
     pa.int8(): "TINYINT",
     TIMESTAMP: "TIMESTAMPTZ",
 }
+
+
+def _statement_name(statement) -> str:
+    """A statement's kind as written: DuckDB files INSTALL under LOAD."""
+    if statement.type == duckdb.StatementType.LOAD and "INSTALL" in statement.query.upper().split()[:2]:
+        return "INSTALL"
+    return statement.type.name
+
+
+@contextlib.contextmanager
+def _sql_errors():
+    """DuckDB's errors of a user's query as one UserError line."""
+    try:
+        yield
+    except duckdb.PermissionException as exc:
+        raise UserError(f"not allowed: {str(exc).splitlines()[0]} (queries may only read "
+                        f"the store's tables)") from exc
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+
+
+def _fetch_batches(cursor, size: int) -> Iterator[list[tuple]]:
+    while True:
+        with _sql_errors():  # a query can fail halfway, e.g. on a row it cannot cast
+            rows = cursor.fetchmany(size)
+        if not rows:
+            return
+        yield rows
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
