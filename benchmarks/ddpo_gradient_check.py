@@ -7,7 +7,7 @@
 On tiny-sd after denoising pre-training (`tia2.models.trained_tiny`), with a fresh LoRA adapter
 and tiny-clip as the reward: the exact gradient of the expected per-prompt z-scored reward under
 DDPO's sampler (DDIM, eta 1, reparameterised: the sampler's noise is an input, so the reward is
-differentiated through every step) against `_ddpo_step`'s estimate from N trajectories. Prints
+differentiated through every step) against `ddpo.step`'s estimate from N trajectories. Prints
 their cosine for each N (two seeds), and the cosine of two independent exact estimates (how
 well the target itself is known). A cosine near 0 means DDPO needs more samples per iteration
 than N before its updates follow the reward: why tests/test_finetune.py asserts DDPO's gain on
@@ -27,8 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.finetune import (OnlineReward, PerPromptStats, _ddpo_step, add_lora, ddim_step_with_logprob,  # noqa: E402
-                            paper_config)
+from tasks.finetune import OnlineReward, paper_config  # noqa: E402
+from tia2.finetuning import ddpo  # noqa: E402
+from tia2.finetuning.ddpo import PerPromptStats  # noqa: E402
+from tia2.models.diffusion_training import Diffusion, add_lora, ddim_step_with_logprob  # noqa: E402
 from tia2.models.trained_tiny import trained_tiny_sd  # noqa: E402
 from tia2.store import Store, stable_id  # noqa: E402
 
@@ -88,8 +90,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from tasks.finetune import Diffusion
-
     started = time.perf_counter()
     generator, _ = trained_tiny_sd(TEXTS, size=args.size, device=args.device)
     print(f"pre-trained tiny-sd at {args.size} px in {time.perf_counter() - started:.0f} s", flush=True)
@@ -112,8 +112,8 @@ def main() -> None:
                 for p in params:
                     p.grad = None
                 began = time.perf_counter()
-                _ddpo_step(diffusion, reward, prompts, config, None, torch.Generator().manual_seed(seed),
-                           PerPromptStats(UNLIMITED, UNLIMITED), 0)
+                ddpo.step(diffusion, reward, prompts, config.ddpo, PerPromptStats(UNLIMITED, UNLIMITED),
+                          torch.Generator().manual_seed(seed), config.batch_size)
                 seconds += time.perf_counter() - began
                 values.append(float(cosine(-gradient(params), target, dim=0)))  # the loss's descent is ascent
             print(f"{n:>12}  {values[0]:>13.3f} {values[1]:>14.3f}  {seconds / 2:>14.1f}", flush=True)

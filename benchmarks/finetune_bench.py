@@ -63,14 +63,14 @@ def bench(algo: str, device: str, steps: int, overrides: dict, model: str, weigh
         print(f"{algo:<5} out of GPU memory at batch {config.batch_size}: halving it", flush=True)
         smaller = dict(overrides, batch_size=config.batch_size // 2)
         if algo == "ddpo":
-            smaller["samples_per_iteration"] = max(config.samples_per_iteration // 2, 1)
+            smaller["samples_per_iteration"] = max(config.ddpo.samples_per_iteration // 2, 1)
         bench(algo, device, steps, smaller, model, weights, reward, reward_weights)
         return
     if device.startswith("cuda"):
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU (max allocated)"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process max)"
-    batch = (f"{config.samples_per_iteration} samples/iteration, minibatch {config.batch_size}"
+    batch = (f"{config.ddpo.samples_per_iteration} samples/iteration, minibatch {config.batch_size}"
              if algo == "ddpo" else f"batch {config.batch_size}")
     print(f"{algo:<5} {model}, {batch}, {config.denoise_steps} denoising steps, guidance {config.guidance:g}, "
           f"{config.mixed_precision}{' + gradient checkpointing' if config.gradient_checkpointing else ''}: "

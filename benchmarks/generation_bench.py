@@ -32,10 +32,8 @@ PROMPT = "a realistic photo of three deer"
 def cpu_bench(images: int, steps: int) -> None:
     from tasks.generate import generate_images
     from tasks.ingest import ingest_tia2
+    from tests.support.stores import make_release
     from tia2.store import Store
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_release
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store")

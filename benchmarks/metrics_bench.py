@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.ingest import ingest_tia2  # noqa: E402
 from tasks.metrics import compute_metrics, record_metrics  # noqa: E402
 from tasks.score import import_scores  # noqa: E402
+from tests.support.scores import synthetic_score_table  # noqa: E402
 from tia2.specs import parse_spec  # noqa: E402
 from tia2.store import TIMESTAMP, Store  # noqa: E402
-from tia2.synthetic import synthetic_score_table  # noqa: E402
 
 SPECS = [
     "alpha", "beta", "textnorm(alpha, tau=0.5)", "textnorm(beta, tau=2)",

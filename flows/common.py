@@ -1,24 +1,19 @@
-"""What every flow module shares: Prefect's defaults, set before prefect is first imported (its
-settings are read at import), and the stages' cache policy."""
+"""What every flow module shares: the stages' cache policy."""
 
-from tia2.config import set_prefect_defaults
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import CodeType, ModuleType
 
-set_prefect_defaults()
-
-import ast  # noqa: E402
-import functools  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import inspect  # noqa: E402
-import threading  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import CodeType, ModuleType  # noqa: E402
-
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy  # noqa: E402
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("tia2", "tasks", "flows")  # pyproject.toml's [tool.setuptools] packages
+PROJECT_PACKAGES = ("tia2", "tasks", "flows", "cli")  # pyproject.toml's packages (its packages.find include)
 
 
 @dataclass

@@ -13,7 +13,7 @@ The config's `finetune` section (see README, Configuration):
       model: tiny-sd                # default: the config's generator
       weights: random               # the generator's weights (default pretrained)
       reward_weights: random        # the reward models' weights (default: the config's weights)
-      settings: {steps: 10, ...}    # any FinetuneConfig field (tasks/finetune.py), on top of the paper's;
+      settings: {steps: 10, ...}    # any of tasks/finetune.py's SETTING_NAMES, on top of the paper's;
                                     # kl_beta: sweep runs RWR for each β and keeps the paper's pick
       evaluate: {gold: tiny-pickscore, sets: [composition], max_prompts: 4, images_per_prompt: 2,
                  steps: 10, guidance: 7.5, rewards: [...]}   # held-out prompts of these sets
@@ -21,18 +21,17 @@ The config's `finetune` section (see README, Configuration):
 
 from __future__ import annotations
 
-from flows.common import CACHED  # first: sets Prefect's defaults before prefect is imported
+from prefect import flow, get_run_logger, task
+from prefect.runtime import deployment, flow_run
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.runtime import deployment, flow_run  # noqa: E402
-
-from tasks.evaluate_finetune import record_evaluate_finetune  # noqa: E402
-from tasks.finetune import paper_config, record_finetune, sweep_kl_coefficient  # noqa: E402
-from tasks.report import finetune_rows  # noqa: E402
-from tia2.config import finetune_section, hyperparameters, merged_config  # noqa: E402
-from tia2.artifacts import records  # noqa: E402
-from tia2.store import Store, default_store_root  # noqa: E402
-from tia2.tracking import stage_run  # noqa: E402
+from flows.common import CACHED
+from tasks.evaluate_finetune import record_evaluate_finetune
+from tasks.finetune import paper_config, record_finetune, sweep_kl_coefficient
+from tasks.report import finetune_rows
+from tia2.artifacts import records
+from tia2.config import DEFAULT_PROFILE, BenchmarkConfig, finetune_section, hyperparameters, merged_config
+from tia2.store import Store
+from tia2.tracking import stage_run
 
 
 @task(name="finetune", cache_policy=CACHED, persist_result=True, tags=["gpu"])
@@ -96,15 +95,16 @@ def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -
 
 
 @flow(name="tia2-finetune")
-def tia2_finetune(config: str = "tiny", overrides: dict | None = None) -> dict:
+def tia2_finetune(config: str = DEFAULT_PROFILE, overrides: dict | None = None) -> dict:
     """Fine-tune and evaluate with the `finetune` section of a profile (`tiny`, `paper`) or YAML
     file, with `overrides` of any config key on top. The store must hold the prompts (run
     tia2-benchmark, or `tia2 ingest-tia2` / `tia2 sample-prompts`, first)."""
     settings = merged_config(config, overrides)  # every setting checked first, before any work
     section = finetune_section(settings)
-    store = Store(settings.get("store") or default_store_root(), create=False)
+    run_config = BenchmarkConfig.from_settings(settings)
+    store = Store(run_config.store, create=False)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
     with stage_run("tia2-finetune", {"config": config, "algos": section["algos"], "reward": section["reward"]},
                    tags=tags) as parent:
-        trained = run_finetune(store, section, settings.get("device", "cpu"), parent.info.run_id)
+        trained = run_finetune(store, section, run_config.device, parent.info.run_id)
     return {"finetune": trained, "mlflow_run_id": parent.info.run_id}

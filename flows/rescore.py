@@ -8,14 +8,14 @@ is a cache hit, and scoring itself only ever computes missing rows.
 
 from __future__ import annotations
 
-from flows.tia2_benchmark import metrics_task, score_all  # sets Prefect's defaults first
-from tasks.ingest import SETS
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import deployment, flow_run
-from tia2.config import merged_config
+
+from flows.tia2_benchmark import metrics_task, score_all
+from tia2.config import DEFAULT_PROFILE, BenchmarkConfig, merged_config
 from tia2.specs import parse_spec
-from tia2.store import Store, default_store_root
+from tia2.store import Store
 from tia2.tracking import stage_run
 
 
@@ -26,22 +26,22 @@ def score_counts(store: Store) -> dict[str, int]:
 
 
 @flow(name="tia2-rescore")
-def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
+def tia2_rescore(config: str = DEFAULT_PROFILE, overrides: dict | None = None) -> dict:
     """Score what is missing for the config's reward models and refresh its reward specs' metrics."""
-    settings = merged_config(config, overrides)  # every setting checked first, before any work
+    run_config = BenchmarkConfig.from_settings(merged_config(config, overrides))  # checked first, before any work
     logger = get_run_logger()
-    rewards = [str(parse_spec(r)) for r in settings.get("rewards", [])]
-    store = Store(settings.get("store") or default_store_root(), create=False)
+    rewards = [str(parse_spec(r)) for r in run_config.rewards]
+    store = Store(run_config.store, create=False)
     root = str(store.root)
     before = score_counts(store)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
-    with stage_run("tia2-rescore", {"config": config, "reward_models": settings.get("reward_models", [])},
+    with stage_run("tia2-rescore", {"config": config, "reward_models": list(run_config.reward_models)},
                    tags=tags) as parent:
         parent_id = parent.info.run_id
         superseded = {}
-        for name in settings.get("reward_models", []):
-            report = score_all(store, name, settings.get("weights", "pretrained"), settings.get("device", "cpu"),
-                               settings.get("batch_size", 32), settings.get("score_shards", 1), parent_id)
+        for name in run_config.reward_models:
+            report = score_all(store, name, run_config.weights, run_config.device, run_config.batch_size,
+                               run_config.score_shards, parent_id)
             superseded[name] = report["rows_superseded"]
             logger.info("score: %s", report)
         after = score_counts(store)
@@ -51,7 +51,7 @@ def tia2_rescore(config: str = "tiny", overrides: dict | None = None) -> dict:
                     "rows_recomputed": superseded.get(model, 0)} for model, n in sorted(after.items())]
         if rewards:
             store_key = store.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
-            metrics_task(root, tuple(rewards), tuple(settings.get("sets", SETS)), store_key, parent_id)
+            metrics_task(root, tuple(rewards), run_config.sets, store_key, parent_id)
     create_table_artifact(key="tia2-rescore", table=changed,
                           description=f"score rows per reward model before and after (MLflow run {parent_id})")
     return {"changed": changed, "mlflow_run_id": parent_id}

@@ -15,26 +15,24 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from flows.common import CACHED  # first: sets Prefect's defaults before prefect is imported
+import mlflow
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import deployment, flow_run
 
-import mlflow  # noqa: E402
-from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.runtime import deployment, flow_run  # noqa: E402
-
-from flows.finetune import run_finetune  # noqa: E402
-
-from tasks.contrast import record_contrast  # noqa: E402
-from tasks.generate import record_generate  # noqa: E402
-from tasks.ingest import DEFAULT_SOURCE, SETS, import_images, ingest_tia2  # noqa: E402
-from tasks.prompts import record_select_from_pool  # noqa: E402
-from tasks.report import record_report, report_markdown, table2_markdown  # noqa: E402
-from tasks.metrics import caption_ranking, format_table2, record_metrics  # noqa: E402
-from tasks.score import import_scores, record_score  # noqa: E402
-from tia2.config import resolve_config  # noqa: E402
-from tia2.specs import parse_spec  # noqa: E402
-from tia2.store import Store  # noqa: E402
-from tia2.tracking import stage_run  # noqa: E402
+from flows.common import CACHED
+from flows.finetune import run_finetune
+from tasks.contrast import record_contrast
+from tasks.generate import record_generate
+from tasks.ingest import import_images, ingest_tia2
+from tasks.metrics import caption_ranking, format_table2, record_metrics
+from tasks.prompts import record_select_from_pool
+from tasks.report import record_report, report_markdown, table2_markdown
+from tasks.score import import_scores, record_score
+from tia2.config import DEFAULT_PROFILE, BenchmarkConfig, resolve_config
+from tia2.specs import parse_spec
+from tia2.store import Store
+from tia2.tracking import stage_run
 
 POOL_SET = "selected"  # the set of prompts picked from the pool
 
@@ -146,79 +144,74 @@ def _folder_key(folder: str) -> str:
 
 
 @flow(name="tia2-benchmark")
-def tia2_benchmark(config: str = "tiny", overrides: dict | None = None) -> dict:
+def tia2_benchmark(config: str = DEFAULT_PROFILE, overrides: dict | None = None) -> dict:
     """The whole benchmark DAG with the settings of a profile (`tiny`: CPU, tiny models; `paper`:
     the papers' models) or YAML file, and `overrides` of any of its keys (see README,
     Configuration): ingest TIA2, select prompts from a pool, make contrast prompts where missing,
     generate images, register image files, score them, import score files, evaluate reward specs.
     Every setting is checked first: a mistake fails the run in one line, before any work."""
-    return run_benchmark(**resolve_config(config, overrides))
+    return run_benchmark(resolve_config(config, overrides))
 
 
-def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
-                   sets: list[str] = list(SETS), prompt_pool: str | None = None, pool_prompts: int = 100,
-                   pool_k: int = 150, pool_seed: int = 0, contrast_method: str = "rules",
-                   generator: str | None = None, images_per_prompt: int = 1, steps: int = 50,
-                   guidance: float = 7.5, max_prompts: int | None = None, generate_shards: int = 1,
-                   image_folders: dict[str, str] = {},  # noqa: B006
-                   reward_models: list[str] = [], weights: str = "pretrained",  # noqa: B006
-                   device: str = "cpu", batch_size: int = 32, score_shards: int = 1,
-                   score_files: list[str] = [], rewards: list[str] = [],  # noqa: B006
-                   finetune: dict | None = None) -> dict:
+def run_benchmark(config: BenchmarkConfig) -> dict:
     """The DAG itself, inside the tia2-benchmark flow run (its tasks need the flow's context)."""
     logger = get_run_logger()
-    specs = [str(parse_spec(r)) for r in rewards]  # as stored: the canonical spelling
-    sets = tuple(sets)
-    data = Store(store)
-    params = {"store": str(data.root), "tia2_source": tia2_source, "sets": sets, "rewards": specs}
+    specs = [str(parse_spec(r)) for r in config.rewards]  # as stored: the canonical spelling
+    sets = config.sets
+    data = Store(config.store)
+    params = {"store": str(data.root), "tia2_source": config.tia2_source, "sets": sets, "rewards": specs}
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.deployment": str(deployment.name or "")}
     with stage_run("tia2-benchmark", params, tags=tags) as parent:
         parent_id = parent.info.run_id
-        ingest = ingest_task(str(data.root), tia2_source, sets, source_fingerprint(tia2_source),
+        ingest = ingest_task(str(data.root), config.tia2_source, sets, source_fingerprint(config.tia2_source),
                              data.store_id, parent_id)
         logger.info("ingest: %s", ingest["new_rows"])
         prompt_sets, selected = sets, None
-        if prompt_pool:
-            selected = sample_prompts_task(str(data.root), str(Path(prompt_pool).resolve()), _file_key(prompt_pool),
-                                           pool_prompts, pool_k, pool_seed, POOL_SET, data.store_id, parent_id)
+        if config.prompt_pool:
+            selected = sample_prompts_task(str(data.root), str(Path(config.prompt_pool).resolve()),
+                                           _file_key(config.prompt_pool), config.pool_prompts, config.pool_k,
+                                           config.pool_seed, POOL_SET, data.store_id, parent_id)
             prompt_sets = (*sets, POOL_SET)
             logger.info("sample-prompts: %s", selected)
-        contrast = contrast_task(str(data.root), contrast_method, data.fingerprint("prompts"), parent_id)
+        contrast = contrast_task(str(data.root), config.contrast_method, data.fingerprint("prompts"), parent_id)
         logger.info("contrast: %s new rows for %s prompts without any", contrast["rows_added"], contrast["prompts"])
         generated = None
-        if generator:
+        if config.generator:
             # one task per shard of the prompts: a task runner with several workers (threads, a
             # Dask cluster) runs them side by side; the `gpu` tag's concurrency limit keeps a
             # single GPU to one at a time
-            shards = [(i, generate_shards) for i in range(generate_shards)]
+            shards = [(i, config.generate_shards) for i in range(config.generate_shards)]
             reports = [f.result() for f in generate_task.map(
-                str(data.root), generator, unmapped(prompt_sets), images_per_prompt, steps, guidance, max_prompts,
-                device, shards, data.fingerprint("prompts"), parent_id)]
+                str(data.root), config.generator, unmapped(prompt_sets), config.images_per_prompt, config.steps,
+                config.guidance, config.max_prompts, config.device, shards, data.fingerprint("prompts"), parent_id)]
             made = sum(r["images"] for r in reports)
-            generated = {"generator": generator, "identity": reports[0]["identity"], "images": made,
-                         "shards": generate_shards, "already_present": sum(r["already_present"] for r in reports),
+            generated = {"generator": config.generator, "identity": reports[0]["identity"], "images": made,
+                         "shards": config.generate_shards,
+                         "already_present": sum(r["already_present"] for r in reports),
                          "images_per_second": round(made / max(sum(r["seconds"] for r in reports), 1e-9), 3),
-                         "sets": prompt_sets, "max_prompts": max_prompts, "images_per_prompt": images_per_prompt,
-                         "steps": steps, "guidance": guidance}
+                         "sets": prompt_sets, "max_prompts": config.max_prompts,
+                         "images_per_prompt": config.images_per_prompt, "steps": config.steps,
+                         "guidance": config.guidance}
             logger.info("generate: %s", generated)
         registered = []
-        for set_name, folder in image_folders.items():
+        for set_name, folder in config.image_folders.items():
             registered.append(import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
                                                  _folder_key(folder), data.store_id))
             logger.info("images %s: %s", set_name, registered[-1])
         summary_scores = []
-        for name in reward_models:
-            summary_scores.append(score_all(data, name, weights, device, batch_size, score_shards, parent_id))
+        for name in config.reward_models:
+            summary_scores.append(score_all(data, name, config.weights, config.device, config.batch_size,
+                                            config.score_shards, parent_id))
             logger.info("score: %s", summary_scores[-1])
         imported = []
-        for file in score_files:
+        for file in config.score_files:
             imported.append({"file": str(file), **import_scores_task(str(data.root), str(Path(file).resolve()),
                                                                       _file_key(file), data.store_id)})
             logger.info("import %s: %s", file, imported[-1])
         summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated,
                    "image_folders": registered, "scores": summary_scores, "score_imports": imported,
                    "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None, "set_means": None}
-        ranking = caption_ranking(data, list(reward_models)) if reward_models else None
+        ranking = caption_ranking(data, list(config.reward_models)) if config.reward_models else None
         if ranking is not None:
             summary["caption_ranking"] = ranking.to_string(index=False)
         if specs:
@@ -229,8 +222,8 @@ def run_benchmark(store: str = "storage", tia2_source: str = DEFAULT_SOURCE,
         # also without metrics: the artifact says why there are none
         create_markdown_artifact(key="tia2-table2", markdown=table2_markdown(summary),
                                  description="per-set means of the evaluated reward specs against the human labels")
-        if finetune:
-            summary["finetune"] = run_finetune(data, finetune, device, parent_id)
+        if config.finetune:
+            summary["finetune"] = run_finetune(data, config.finetune, config.device, parent_id)
         summary["report"] = record_report(data, summary, ranking)
         create_markdown_artifact(key="tia2-report", markdown=report_markdown(summary),
                                  description="the run's HTML report (MLflow) and its stages")

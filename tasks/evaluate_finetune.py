@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.finetune import ADAPTER_FILE
 from tasks.rewards import RewardEvaluator
 from tia2.errors import UserError
-from tia2.specs import Model, Spec, TextNorm, parse_spec
+from tia2.models.diffusion import ADAPTER_FILE
+from tia2.specs import Model, Spec, TextNorm, parse_spec, scores_needed
 from tia2.store import Store, stable_id
 
 HUMAN = "human"  # the gold reward read from the labels table instead of a reward model
@@ -167,9 +167,7 @@ def _trained_reward(adapters: list[Adapter]) -> str:
 def _check_contrast_prompts(store: Store, specs: list[Spec], prompts) -> None:
     """TextNorm specs need contrast prompts of their method for every held-out prompt: checked
     before any image is made."""
-    from tasks.rewards import _requirements
-
-    methods = sorted({m for needed in _requirements(specs).values() for m in needed if m is not None})
+    methods = sorted({m for needed in scores_needed(specs).values() for m in needed if m is not None})
     con = store.connect()
     for method in methods:
         covered = {pid for (pid,) in con.execute(
@@ -185,9 +183,7 @@ def _check_contrast_prompts(store: Store, specs: list[Spec], prompts) -> None:
 def _pinned(spec: Spec, versions: dict[str, str]) -> Spec:
     """The spec with every reward model at the version scored here (other versions may be stored)."""
     if isinstance(spec, Model):
-        if spec.version is not None and spec.version != versions[spec.name]:
-            raise UserError(f"{spec}: the model built here is version {versions[spec.name]}")
-        return Model(spec.name, versions[spec.name])
+        return Model(spec.name, spec.version_among([versions[spec.name]], built=True))
     if isinstance(spec, TextNorm):
         return replace(spec, inner=_pinned(spec.inner, versions))
     return replace(spec, parts=tuple(_pinned(p, versions) for p in spec.parts))
@@ -260,13 +256,12 @@ def _score(store: Store, names: list[str], sets: list[str], weights: str, device
 
 
 def _human_values(store: Store, frame: pd.DataFrame) -> np.ndarray:
-    """Each image's graded human label (the mean over annotators of 1, 0 and 0.5 for -1, as the
-    TIA2 protocol grades them); an error when some image has none."""
+    """Each image's graded human label (the store's `image_labels`: the TIA2 protocol's); an
+    error when some image has none."""
     con = store.connect()
     con.register("frame", frame.reset_index()[["row", "image_id"]])
     graded = con.execute(
-        """SELECT avg(CASE l.label WHEN 1 THEN 1.0 WHEN 0 THEN 0.0 WHEN -1 THEN 0.5 END)
-           FROM frame f LEFT JOIN labels l USING (image_id) GROUP BY f.row ORDER BY f.row""").df()
+        "SELECT l.graded FROM frame f LEFT JOIN image_labels l USING (image_id) ORDER BY f.row").df()
     values = graded.iloc[:, 0].to_numpy(dtype=float)
     unlabelled = int(np.isnan(values).sum())
     if unlabelled:

@@ -22,13 +22,10 @@ import pyarrow as pa
 
 from tia2.errors import UserError
 from tia2.progress import progress_bar
+from tia2.seeding import image_seed
 from tia2.store import Store, stable_id
 
 DEFAULTS = {"steps": 50, "guidance": 7.5}  # TextNorm paper, Table 4
-
-
-def image_seed(prompt_id: str, index: int, base_seed: int) -> int:
-    return int(hashlib.sha256(f"{prompt_id}:{index}:{base_seed}".encode()).hexdigest()[:15], 16)
 
 
 def image_id(prompt_id: str, generator_identity: str, lora: str | None, index: int, base_seed: int,

@@ -172,12 +172,9 @@ def _contrast_rows(pfile, caption, prompt_id, texts, now, report) -> list[dict]:
 def ingest_tia2(store: Store, source: str, sets: tuple[str, ...] = SETS) -> dict:
     """Parse the release and write it to the store; re-running with the same files is a no-op."""
     tables = parse_tia2(source, sets)
-    written = {
-        "prompts": store.upsert("prompts", tables.prompts),
-        "contrast_prompts": store.upsert("contrast_prompts", tables.contrast_prompts, replace=False),
-        "images": store.upsert("images", tables.images),
-        "labels": store.upsert("labels", tables.labels),
-    }
+    written = store.upsert_together({"prompts": tables.prompts, "contrast_prompts": tables.contrast_prompts,
+                                     "images": tables.images, "labels": tables.labels},
+                                    keep_stored=("contrast_prompts",))
     return {"source": source, "new_rows": written, **tables.report}
 
 
@@ -189,7 +186,7 @@ def _image_files(paths) -> list[Path]:
     return [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
 
 
-def _image_facts(path: Path) -> dict:
+def image_facts(path: Path) -> dict:
     """path, sha256, width and height of an image file; ValueError saying why it is not a
     readable image."""
     from PIL import Image, UnidentifiedImageError
@@ -214,7 +211,7 @@ def _all_image_facts(paths: list[Path]) -> list[dict]:
     facts, problems = [], []
     for path in paths:
         try:
-            facts.append(_image_facts(path))
+            facts.append(image_facts(path))
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
@@ -287,7 +284,7 @@ def _register_by_caption(store: Store, set_name: str, folder: Path, known_images
         raise UserError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its caption folders")
     for row, facts in zip(images, _all_image_facts(files)):
         row.update(facts)
-    store.upsert("prompts", pa.Table.from_pylist(prompts))
-    added = store.upsert("images", pa.Table.from_pylist(images))
+    added = store.upsert_together({"prompts": pa.Table.from_pylist(prompts),
+                                   "images": pa.Table.from_pylist(images)})["images"]
     return {"set": set_name, "registered": len(images), "new_images": added, "unmatched_files": 0,
             "set_images": known_images + added}

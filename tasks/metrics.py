@@ -339,7 +339,7 @@ def record_metrics(store: Store, specs: list[Spec], sets: list[str] | None = Non
         for set_name in dict.fromkeys(result.per_caption["set"]):
             log_figure(curves_figure(result, set_name), f"curves_{set_name}.png")
     if out_csv:
-        _write_text_atomic(out_csv, csv_text)
+        write_text_atomic(out_csv, csv_text)
     return means
 
 
@@ -371,7 +371,7 @@ def check_output_file(path: str) -> None:
         raise UserError(f"cannot write {path}: {parent} is not a folder this user may write to")
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")

@@ -369,13 +369,14 @@ def select_from_pool(store: Store, pool: str | Path, n: int, k: int = 150, seed:
     source = f"pool:{Path(pool).name}"
     chosen = [texts[i] for i in selection.picked]
     ids = [stable_id(set_name, t) for t in chosen]
-    store.upsert("prompts", pa.table({
-        "prompt_id": ids, "text": chosen, "set": [set_name] * n, "category": pa.nulls(n, pa.string()),
-        "subcategory": pa.nulls(n, pa.string()), "source": [source] * n}))
-    store.upsert("prompt_selections", pa.table({
-        "set": [set_name] * n, "prompt_id": ids, "rank": np.arange(1, n + 1, dtype=np.int32),
-        "pool": [source] * n, "k": np.full(n, neighbours.shape[1], np.int32), "seed": np.full(n, seed),
-        "coverage": selection.coverage}))
+    store.upsert_together({
+        "prompts": pa.table({
+            "prompt_id": ids, "text": chosen, "set": [set_name] * n, "category": pa.nulls(n, pa.string()),
+            "subcategory": pa.nulls(n, pa.string()), "source": [source] * n}),
+        "prompt_selections": pa.table({
+            "set": [set_name] * n, "prompt_id": ids, "rank": np.arange(1, n + 1, dtype=np.int32),
+            "pool": [source] * n, "k": np.full(n, neighbours.shape[1], np.int32), "seed": np.full(n, seed),
+            "coverage": selection.coverage})})
     return PoolSelection(texts, embeddings, neighbours, selection, random_coverage, embedded_now, seconds)
 
 

@@ -1,22 +1,27 @@
-"""Stage: derived rewards. Turns stored scores into the value of a reward spec for every image of
-a benchmark frame: raw model scores, TextNorm (TextNorm paper eq. 1) and the two ensembles
-(eq. 2, 3).
+"""Stage: derived rewards. The value of a reward spec for every image: raw model scores, TextNorm
+(TextNorm paper eq. 1) and the two ensembles (eq. 2, 3), each formula written once
+(`spec_values`) over either source of scores:
 
-A frame is the list of labelled images a metrics run covers, one row per image, in benchmark
-order (set, caption, ordinal). Scores are fetched once per (model, version, contrast method) and
-reused, so evaluating many specs or a grid of tau values costs one query per model.
+- `RewardEvaluator`: the scores stored for a frame, float64 (metrics, best-of-n, evaluation). A
+  frame is the list of images a run covers, one row per image, in benchmark order (set, caption,
+  ordinal). Scores are fetched once per (model, version, contrast method) and reused, so
+  evaluating many specs or a grid of tau values costs one query per model.
+- `OnlineReward` (tasks/online_reward.py): the reward models run on a batch of pixels,
+  differentiable (fine-tuning).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 
-from tia2.errors import UserError
-from tia2.specs import Mean, Model, Spec, TextNorm, UncertaintyRegularized
 from tasks.ingest import SETS
+from tia2.errors import UserError
+from tia2.specs import Mean, Model, Spec, TextNorm, UncertaintyRegularized, scores_needed
 from tia2.store import Store
 
 
@@ -33,12 +38,9 @@ def load_frame(store: Store, sets: list[str] | None = None) -> pd.DataFrame:
         raise UserError(f"unknown set(s) {', '.join(unknown)}; sets with labels: {', '.join(known)}")
     frame = con.execute(
         """
-        SELECT i.set, i.prompt_id, p.text AS caption, i.image_id, i.ordinal,
-               (sum(CASE WHEN l.label = 1 THEN 1 ELSE 0 END) >= 2)::INTEGER AS z,
-               avg(CASE l.label WHEN 1 THEN 1.0 WHEN 0 THEN 0.0 ELSE 0.5 END) AS graded
-        FROM images i JOIN prompts p USING (prompt_id) JOIN labels l USING (image_id)
+        SELECT i.set, i.prompt_id, p.text AS caption, i.image_id, i.ordinal, l.z, l.graded
+        FROM images i JOIN prompts p USING (prompt_id) JOIN image_labels l USING (image_id)
         WHERE i.set IN (SELECT unnest($sets))
-        GROUP BY i.set, i.prompt_id, p.text, i.image_id, i.ordinal
         ORDER BY list_position($order, i.set) NULLS LAST, i.set, i.prompt_id, i.ordinal
         """,
         {"sets": sets, "order": list(SETS)},
@@ -72,11 +74,76 @@ def generated_frame(store: Store, generator: str | None = None, sets: list[str] 
     return frame
 
 
+# --- the formulas: one walk over a spec, for both sources of scores ----------------------------
+class ScoreSource(Protocol):
+    """Where `spec_values` reads a reward model's scores of the images, one row per image."""
+
+    def caption(self, model: Model) -> torch.Tensor:
+        """[B]: each image's score against its caption."""
+
+    def with_contrast(self, model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] caption scores and [B, M] scores against the caption's contrast prompts of
+        `method`, padded with -inf where a caption has fewer than M."""
+
+
+def spec_values(spec: Spec, scores: ScoreSource) -> torch.Tensor:
+    """The reward of every image under `spec`."""
+    if isinstance(spec, Model):
+        return scores.caption(spec)
+    if isinstance(spec, TextNorm):
+        # Only the base model's own caption/contrast scores enter the softmax, so the inner spec
+        # must be a model (a softmax over an ensemble's values is not what eq. 1 defines).
+        if not isinstance(spec.inner, Model):
+            raise UserError(f"{spec}: textnorm() normalises one reward model's scores; "
+                            f"apply it to each model inside the ensemble instead")
+        return textnorm_probability(*scores.with_contrast(spec.inner, spec.contrast), spec.tau)
+    # Sorted per image before reducing: the value depends only on the multiset of member values,
+    # so images whose members tie exactly get exactly tied ensembles (floating-point sums depend
+    # on their order, and a last-bit difference is an order where people see a tie).
+    parts = torch.stack([spec_values(p, scores) for p in spec.parts]).sort(dim=0).values
+    mean = parts.mean(dim=0)  # eq. 2
+    if isinstance(spec, Mean):
+        return mean
+    assert isinstance(spec, UncertaintyRegularized)
+    return mean - spec.lam * ((parts - mean) ** 2).mean(dim=0)  # eq. 3
+
+
+def textnorm_probability(caption: torch.Tensor, contrast: torch.Tensor, tau: float) -> torch.Tensor:
+    """TextNorm (eq. 1) for a batch: exp(r0/τ) / (exp(r0/τ) + Σ exp(r_i/τ)), in log space
+    (log-sum-exp). `contrast` is [B, M], padded with -inf where an image's caption has fewer than
+    M contrast prompts. Each row's contrast scores are sorted first, so the value depends only on
+    their multiset, not on the order they come in: images with exactly tied scores get exactly
+    tied values."""
+    logits = torch.cat([caption[:, None], contrast.sort(dim=1).values], dim=1) / tau
+    # The caption's logit less the row's largest, then less log Σ exp(shifted): torch.logsumexp
+    # adds the largest back first, which rounds at its scale (1e-14 relative at τ = 0.01).
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    return torch.exp(shifted[:, 0] - torch.log(torch.exp(shifted).sum(dim=1)))
+
+
+def textnorm(caption: np.ndarray, contrast_row: np.ndarray, contrast: np.ndarray,
+             tau: float) -> np.ndarray:
+    """`textnorm_probability` of float64 scores given as (row, score) pairs: `contrast[k]` is a
+    score of row `contrast_row[k]`'s image against one of its contrast prompts."""
+    padded = _padded(contrast_row, contrast, len(caption))
+    return textnorm_probability(torch.from_numpy(caption), torch.from_numpy(padded), tau).numpy()
+
+
+def _padded(rows: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+    """(row, value) pairs as an [n_rows, M] matrix, each row's values first, then -inf."""
+    order = np.argsort(rows, kind="stable")
+    rows, values = rows[order], values[order]
+    counts = np.bincount(rows, minlength=n_rows)
+    padded = np.full((n_rows, counts.max(initial=0)), -np.inf)
+    padded[rows, np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]] = values
+    return padded
+
+
+# --- stored scores (float64) --------------------------------------------------------------------
 @dataclass
 class ModelScores:
-    caption: np.ndarray          # score of each frame row against its caption
-    contrast_row: np.ndarray     # frame row of each contrast score
-    contrast: np.ndarray         # scores against the caption's contrast prompts
+    caption: np.ndarray   # score of each frame row against its caption
+    contrast: np.ndarray  # [rows, M]: against the caption's contrast prompts, padded with -inf
 
 
 class RewardEvaluator:
@@ -101,22 +168,13 @@ class RewardEvaluator:
                     f"no scores for reward model {model.name!r} in the store "
                     f"(models with scores: {', '.join(stored) or 'none'}); "
                     f"score it with `tia2 score` or load scores with `tia2 import-scores`")
-            if model.version is not None:
-                if model.version not in versions:
-                    raise UserError(f"reward model {model.name!r} has no scores of version "
-                                    f"{model.version!r} (stored: {', '.join(versions)})")
-                self._versions[model] = model.version
-            elif len(versions) > 1:
-                raise UserError(f"reward model {model.name!r} has scores of several versions "
-                                f"({', '.join(versions)}): write {model.name}@VERSION")
-            else:
-                self._versions[model] = versions[0]
+            self._versions[model] = model.version_among(versions)
         return self._versions[model]
 
     def check(self, specs: list[Spec]) -> None:
         """Raise one UserError listing every score the specs need that the store lacks."""
         problems = []
-        for model, methods in _requirements(specs).items():
+        for model, methods in scores_needed(specs).items():
             version = self.version(model)
             missing = self._con.execute(
                 """SELECT f.set, count(*) FROM frame f ANTI JOIN (SELECT image_id, text FROM scores
@@ -152,7 +210,7 @@ class RewardEvaluator:
                    WHERE s.reward_model = ? AND s.model_version = ?""",
                 [model.name, version]).fetchnumpy().values()
             caption[rows] = vals
-            contrast_row, contrast = np.empty(0, np.int64), np.empty(0)
+            contrast = np.empty((len(self.frame), 0))
             if contrast_method is not None:
                 res = self._con.execute(
                     """SELECT f.row, s.score FROM frame f
@@ -160,66 +218,18 @@ class RewardEvaluator:
                        JOIN scores s ON s.image_id = f.image_id AND s.text = c.text
                        WHERE s.reward_model = ? AND s.model_version = ?""",
                     [contrast_method, model.name, version]).fetchnumpy()
-                contrast_row, contrast = res["row"].astype(np.int64), res["score"]
-            self._scores[key] = ModelScores(caption, contrast_row, contrast)
+                contrast = _padded(res["row"].astype(np.int64), res["score"], len(self.frame))
+            self._scores[key] = ModelScores(caption, contrast)
         return self._scores[key]
 
     def __call__(self, spec: Spec) -> np.ndarray:
         """The reward of every frame row under `spec`."""
-        if isinstance(spec, Model):
-            return self.scores(spec, None).caption
-        if isinstance(spec, TextNorm):
-            return self._textnorm(spec)
-        # Sorted per row before summing: the value depends only on the multiset of member values,
-        # so rows whose members tie exactly get exactly tied ensembles (floating-point sums
-        # depend on their order, and a last-bit difference is an order where people see a tie).
-        parts = np.sort(np.stack([self(p) for p in spec.parts]), axis=0)
-        mean = parts.mean(axis=0)
-        if isinstance(spec, Mean):
-            return mean
-        assert isinstance(spec, UncertaintyRegularized)
-        return mean - spec.lam * ((parts - mean) ** 2).mean(axis=0)
+        return spec_values(spec, self).numpy()
 
-    def _textnorm(self, spec: TextNorm) -> np.ndarray:
-        # Only the base model's own caption/contrast scores enter the softmax, so the inner spec
-        # must be a model (a softmax over an ensemble's values is not what eq. 1 defines).
-        if not isinstance(spec.inner, Model):
-            raise UserError(f"{spec}: textnorm() normalises one reward model's scores; "
-                            f"apply it to each model inside the ensemble instead")
-        s = self.scores(spec.inner, spec.contrast)
-        return textnorm(s.caption, s.contrast_row, s.contrast, spec.tau)
+    # Scores, for spec_values
+    def caption(self, model: Model) -> torch.Tensor:
+        return torch.from_numpy(self.scores(model, None).caption)
 
-
-def textnorm(caption: np.ndarray, contrast_row: np.ndarray, contrast: np.ndarray,
-             tau: float) -> np.ndarray:
-    """exp(r0/τ) / (exp(r0/τ) + Σ exp(r_i/τ)) per row, computed in log space (log-sum-exp).
-    Each row's contrast terms are summed in ascending order, so the value depends only on the
-    multiset of its contrast scores, not on the order the store returns them in: images with
-    exactly tied scores get exactly tied values."""
-    order = np.lexsort((contrast, contrast_row))
-    contrast_row, contrast = contrast_row[order], contrast[order]
-    a = caption / tau
-    b = contrast / tau
-    peak = a.copy()
-    np.maximum.at(peak, contrast_row, b)
-    total = np.exp(a - peak) + np.bincount(contrast_row, weights=np.exp(b - peak[contrast_row]),
-                                           minlength=len(a))
-    return np.exp(a - peak - np.log(total))
-
-
-def _requirements(specs: list[Spec]) -> dict[Model, set[str | None]]:
-    """Each model the specs read, with the contrast methods needed (None: the caption only)."""
-    needs: dict[Model, set[str | None]] = {}
-
-    def walk(spec: Spec, method: str | None) -> None:
-        if isinstance(spec, Model):
-            needs.setdefault(spec, set()).add(method)
-        elif isinstance(spec, TextNorm):
-            walk(spec.inner, spec.contrast)
-        else:
-            for part in spec.parts:
-                walk(part, method)
-
-    for spec in specs:
-        walk(spec, None)
-    return needs
+    def with_contrast(self, model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(model, method)
+        return torch.from_numpy(s.caption), torch.from_numpy(s.contrast)

@@ -3,14 +3,12 @@ absent), a small constructed release for error cases, and an isolated MLflow/Pre
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-SHARED_TIA2 = PROJECT.parent / "shared" / "data" / "tia2"
+from tests.support.project import SHARED_TIA2
+from tests.support.stores import make_release, write_images
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +39,8 @@ def real_scores_file(tmp_path_factory, tia2_source) -> Path:
     import pyarrow.parquet as pq
 
     from tasks.ingest import ingest_tia2
+    from tests.support.scores import synthetic_score_table
     from tia2.store import Store
-    from tia2.synthetic import synthetic_score_table
 
     scratch = Store(tmp_path_factory.mktemp("scratch") / "store")
     ingest_tia2(scratch, str(tia2_source))
@@ -65,36 +63,24 @@ def real_store(tmp_path_factory, tia2_source, real_scores_file):
     return store
 
 
-def make_release(root: Path, captions_per_set: int = 2, images_per_caption: int = 4) -> Path:
-    """A small release in the TIA2 layout: every set, a few captions with 3-prompt contrast sets.
-    Image labels alternate so that every caption is included (labels not all equal)."""
-    for sub in ("human_annotations", "prompts"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for s, set_name in enumerate(("comprehensive", "counting", "composition")):
-        labels, prompts = {}, {}
-        for c in range(captions_per_set):
-            caption = f"a photo of {c + 2} {set_name} things"
-            prompts[caption] = [f"a photo of {c + 5} {set_name} things", f"a drawing of {set_name}",
-                                f"a photo of {set_name} and a cat"]
-            for i in range(images_per_caption):
-                name = f"image_{s}_{c}_{i}.jpg"
-                votes = [1, 1, 0] if i % 2 == 0 else [0, -1, 1]
-                labels[name] = {"image": name, "caption": caption, "human_labels": votes}
-        (root / "human_annotations" / f"human_labels_{set_name}.json").write_text(json.dumps(labels))
-        (root / "prompts" / f"prompt_set_{set_name}.json").write_text(json.dumps(prompts))
-    return root
-
-
 @pytest.fixture
 def mini_release(tmp_path) -> Path:
     return make_release(tmp_path / "release")
 
 
-def copy_store(store, dest: Path):
+@pytest.fixture
+def image_store(tmp_path, mini_release):
+    """`mini_release` ingested, with random JPEGs registered for its counting and composition images."""
+    from tasks.ingest import import_images, ingest_tia2
     from tia2.store import Store
 
-    shutil.copytree(store.root, dest)
-    return Store(dest)
+    store = Store(tmp_path / "store")
+    ingest_tia2(store, str(mini_release))
+    images = write_images(mini_release, tmp_path / "images")
+    for set_name in ("counting", "composition"):
+        result = import_images(store, set_name, images / set_name)
+        assert result["registered"] == 8 and result["unmatched_files"] == 0
+    return store
 
 
 # Modules whose tests start Prefect servers (ephemeral or `prefect server start`). Under

@@ -6,28 +6,20 @@ goes on in the real tree."""
 
 import dataclasses
 import json
-import shutil
 import tomllib
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import PROJECT
 from flows.common import CACHED, PROJECT_PACKAGES, StageCode
 from flows.finetune import finetune_task
 from flows.tia2_benchmark import generate_task, metrics_task, score_task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from tests.support.project import PROJECT, copy_project
 
 TASK_INPUTS = {"store_root": "store", "store_key": "tables", "parent_run_id": "mlflow-run-1"}
 # the policy before stages were keyed on their code: a test of the code key must fail with it
 SOURCE_ONLY = (INPUTS - "parent_run_id") + TASK_SOURCE
-
-
-def copy_project(dest):
-    """The project's packages (what the stage keys read) copied to `dest`."""
-    for package in PROJECT_PACKAGES:
-        shutil.copytree(PROJECT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
 
 
 def cached_at(root):
@@ -97,4 +89,5 @@ def test_the_key_does_not_depend_on_where_the_project_is(tmp_path):
 
 def test_the_packages_are_pyprojects():
     pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    assert sorted(PROJECT_PACKAGES) == sorted(pyproject["tool"]["setuptools"]["packages"])
+    included = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(PROJECT_PACKAGES) == sorted(pattern.removesuffix("*") for pattern in included)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT
+from tests.support.project import PROJECT
 from tia2.store import TABLES, Store
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_two_runs_at_once_and_a_reader_during_a_rescore(tmp_path, mini_release, 
     config = tmp_path / "run.yaml"
     config.write_text(f"store: {store_root}\nsets: [counting, composition]\ngenerator: tiny-sd\n"
                       "images_per_prompt: 2\nsteps: 2\nreward_models: [tiny-clip, tiny-hpsv2]\nweights: random\n")
-    runs = [subprocess.Popen([sys.executable, "-m", "tia2.cli", "benchmark", "--config", str(config)],
+    runs = [subprocess.Popen([sys.executable, "-m", "cli", "benchmark", "--config", str(config)],
                              env=_env(tmp_path, name, mini_release, isolated_tracking), cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
     for run in runs:
@@ -43,7 +43,7 @@ def test_two_runs_at_once_and_a_reader_during_a_rescore(tmp_path, mini_release, 
     assert con.execute("SELECT reward_model, count(*) FROM scores GROUP BY ALL ORDER BY 1").fetchall() == [
         ("tiny-clip", 32), ("tiny-hpsv2", 32)]
 
-    rescore = subprocess.Popen([sys.executable, "-m", "tia2.cli", "--store", str(store_root), "score",
+    rescore = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store_root), "score",
                                 "--reward-model", "tiny-aesthetic", "--random-init"],
                                env=_env(tmp_path, "c", mini_release, isolated_tracking), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import PROJECT
-from tia2.cli import main
+from tests.support.project import PROJECT
+from cli.main import main
 from tia2.config import check_config, merged_config
 from tia2.errors import UserError
 from tia2.models import list_models
@@ -20,7 +20,8 @@ FINETUNE = {"reward": "tiny-clip", "settings": {"steps": 3}}
 @pytest.mark.parametrize("settings, message", [
     ({"images_per_prompt": -3}, "images_per_prompt: must be a whole number of at least 1 (got -3)"),
     ({"steps": "ten"}, "steps: must be a whole number of at least 1 (got 'ten')"),
-    ({"guidance": "high"}, "guidance: must be a number (got 'high')"),
+    ({"guidance": "high"}, "guidance: must be a finite number (got 'high')"),
+    ({"guidance": float("nan")}, "guidance: must be a finite number (got nan)"),
     ({"max_prompts": 2.5}, "max_prompts: must be a whole number of at least 1 (got 2.5)"),
     ({"sets": "counting"}, "sets: must be a list of names (got 'counting')"),
     ({"sets": ["counting", "nosuch"]}, "sets: unknown TIA2 set(s) 'nosuch' (known: comprehensive, counting"),
@@ -46,6 +47,8 @@ FINETUNE = {"reward": "tiny-clip", "settings": {"steps": 3}}
      "finetune.settings: steps must be a whole number (got '10')"),
     ({"finetune": {"reward": "tiny-clip", "settings": {"denoise_steps": "ten"}}},
      "finetune.settings: denoise_steps must be a whole number (got 'ten')"),
+    ({"finetune": {"reward": "tiny-clip", "settings": {"learning_rate": float("nan")}}},  # YAML's .nan
+     "finetune.settings: learning_rate must be a finite number (got nan)"),
 ])
 def test_a_mistake_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, settings, message):
     monkeypatch.chdir(tmp_path)
@@ -85,7 +88,7 @@ def test_the_profiles_and_empty_sections_pass():
 
 def test_the_check_runs_before_prefect_is_imported(tmp_path):
     (tmp_path / "bad.yaml").write_text("steps: ten\n")
-    code = ("import sys; from tia2.cli import main; code = main(['benchmark', '--config', 'bad.yaml']); "
+    code = ("import sys; from cli.main import main; code = main(['benchmark', '--config', 'bad.yaml']); "
             "print('prefect' in sys.modules); sys.exit(code)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(PROJECT)))
@@ -107,3 +110,19 @@ def test_each_flow_checks_its_config_first(tmp_path):
             flow.fn(config=str(bad))
         with pytest.raises(UserError, match="device: unknown device 'foo'"):
             flow.fn(config="tiny", overrides={"device": "foo"})
+
+
+def test_a_resolved_config_has_every_default_and_the_environments_store_and_source(tmp_path, monkeypatch):
+    """What the flows and `tia2 benchmark` read: a BenchmarkConfig with lists as
+    tuples, the store and TIA2 source of the environment, and the defaults of the keys left out."""
+    from tests.support.stores import make_release
+    from tia2.config import BenchmarkConfig, resolve_config
+
+    release = str(make_release(tmp_path / "release"))
+    monkeypatch.setenv("TIA2_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("TIA2_SOURCE", release)
+    (tmp_path / "run.yaml").write_text("sets: [counting]\nreward_models: [tiny-clip]\nsteps: 10\n")
+    config = resolve_config(str(tmp_path / "run.yaml"))
+    assert config == BenchmarkConfig(store=str(tmp_path / "store"), tia2_source=release, sets=("counting",),
+                                     reward_models=("tiny-clip",), steps=10)
+    assert (config.batch_size, config.device, config.image_folders, config.finetune) == (32, "cpu", {}, None)

@@ -13,15 +13,6 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from openai_server import (
-    NOT_JSON,
-    PROSE,
-    RATE_LIMITED,
-    SERVER_ERROR,
-    SLOW,
-    UNAVAILABLE,
-    FakeOpenAI,
-)
 
 from tasks.contrast import (
     CATEGORIES,
@@ -39,7 +30,16 @@ from tasks.contrast import (
     rule_contrasts,
 )
 from tasks.ingest import ingest_tia2
-from tia2.cli import main
+from tests.support.openai_server import (
+    NOT_JSON,
+    PROSE,
+    RATE_LIMITED,
+    SERVER_ERROR,
+    SLOW,
+    UNAVAILABLE,
+    FakeOpenAI,
+)
+from cli.main import main
 from tia2.english import article
 from tia2.errors import UserError
 from tia2.store import Store, stable_id

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT
+from tests.support.project import PROJECT
 from tia2.store import Store
 
 pytestmark = pytest.mark.slow

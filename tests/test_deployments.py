@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import PROJECT, make_release
+from tests.support.project import PROJECT
+from tests.support.stores import make_release
 from tia2.store import Store
 
 pytestmark = pytest.mark.slow

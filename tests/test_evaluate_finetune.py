@@ -18,13 +18,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import PROJECT, copy_store
 from tasks.contrast import rule_contrasts
 from tasks.evaluate_finetune import best_of_n_kl, evaluate_finetune, record_evaluate_finetune
-from tasks.finetune import (OnlineReward, add_lora, finetune, paper_config, save_adapter,
-                            training_prompts)
-from tia2.cli import main
-from tia2.models.diffusion import create_pipeline
+from tasks.finetune import OnlineReward, finetune, paper_config, training_prompts
+from tests.support.project import PROJECT
+from tests.support.stores import copy_store
+from cli.main import main
+from tia2.models.diffusion import create_pipeline, save_adapter
+from tia2.models.diffusion_training import add_lora
 from tia2.store import Store, stable_id
 
 TEXTS = ["a photo of two cats", "three red apples on a table", "a blue car next to a tree",

@@ -9,11 +9,10 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROJECT
-from test_cache_policy import copy_project
+from tests.support.project import PROJECT, copy_project
+from tests.support.scores import synthetic_score_table
+from tests.support.stores import store_with_prompts, write_images
 from tia2.store import Store
-from tia2.synthetic import synthetic_score_table
-from test_scoring import write_images
 
 
 def main_sql(store_root, query):
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run_benchmark(config, env):
-    return subprocess.run([sys.executable, "-m", "tia2.cli", "benchmark", "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "cli", "benchmark", "--config", str(config)],
                           cwd=env["cwd"], env=env["env"], capture_output=True, text=True, timeout=600)
 
 
@@ -130,10 +129,10 @@ def test_bad_profile_and_bad_setting_are_clear(tmp_path, flow_env):
 
 def test_every_subcommand_has_help():
     commands = ["ingest-tia2", "import-scores", "metrics", "tune", "sql", "benchmark"]
-    top = subprocess.run([sys.executable, "-m", "tia2.cli", "--help"], capture_output=True, text=True, cwd=PROJECT)
+    top = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=PROJECT)
     assert top.returncode == 0 and all(c in top.stdout for c in commands)
     for command in commands:
-        out = subprocess.run([sys.executable, "-m", "tia2.cli", command, "--help"],
+        out = subprocess.run([sys.executable, "-m", "cli", command, "--help"],
                              capture_output=True, text=True, cwd=PROJECT)
         assert out.returncode == 0 and "usage: tia2" in out.stdout and "TIA2_STORE" in out.stdout
 
@@ -194,7 +193,7 @@ def test_a_bad_finetune_section_is_one_clear_error_before_any_work():
                               ({"reward": "tiny-clip", "settings": {"stepz": 3}}, "stepz"),
                               ({"reward": "tiny-clip", "algos": ["ppo"]}, "unknown algorithm"),
                               ({"reward": "tiny-clip", "evaluate": {"sets": ["counting"]}}, "needs `gold`"),
-                              ({"reward": "tiny-clip", "settings": {"kl_beta": "lots"}}, "kl_beta must be a number"),
+                              ({"reward": "tiny-clip", "settings": {"kl_beta": "lots"}}, "kl_beta must be a finite number"),
                               ({"reward": "tiny-clip", "settings": {"steps": "10"}}, "steps must be a whole number")]:
         with pytest.raises(UserError, match=message):
             finetune_section({"generator": "tiny-sd", "finetune": finetune})
@@ -203,9 +202,8 @@ def test_a_bad_finetune_section_is_one_clear_error_before_any_work():
 def test_the_flows_rwr_sweep_keeps_the_papers_pick_for_the_evaluation(tmp_path):
     from flows.finetune import finetune_section, finetune_task
     from tasks.finetune import KL_COEFFICIENTS, choose_kl_coefficient, select_checkpoint
-    from test_finetune import make_store
 
-    store = make_store(tmp_path / "store")
+    store = store_with_prompts(tmp_path / "store", ["a photo of two cats", "three red apples on a table"])
     section = finetune_section({"generator": "tiny-sd", "finetune": {
         "reward": "tiny-clip", "algos": ["rwr"], "weights": "random",
         "settings": {"kl_beta": "sweep", "steps": 2, "checkpoint_every": 1, "denoise_steps": 3, "guidance": 1.0,

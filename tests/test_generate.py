@@ -5,7 +5,10 @@ from PIL import Image
 
 from tasks.generate import batch_size_for_memory, generate_images, prompts_to_generate
 from tasks.ingest import ingest_tia2
-from tia2.cli import main
+from tests.support.hub import hub_snapshot
+from tests.support.project import PROJECT
+from tests.support.stores import make_release
+from cli.main import main
 from tia2.models.diffusion import create_pipeline, generator_config
 from tia2.store import Store
 
@@ -101,9 +104,6 @@ def test_released_pipeline_folder_loads_by_model_id_offline(tmp_path, mini_relea
     import subprocess
     import sys
 
-    from conftest import PROJECT
-    from test_released_weights import hub_snapshot
-
     snapshot = hub_snapshot(tmp_path / "hub", "stabilityai/stable-diffusion-2-1")
     tiny_sd.pipeline.save_pretrained(snapshot, safe_serialization=True)
     reference = Store(tmp_path / "reference")
@@ -112,7 +112,7 @@ def test_released_pipeline_folder_loads_by_model_id_offline(tmp_path, mini_relea
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(mini_release))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(PROJECT))
-    out = subprocess.run([sys.executable, "-m", "tia2.cli", "generate", "--model", "sd-2-1", "--set", "counting",
+    out = subprocess.run([sys.executable, "-m", "cli", "generate", "--model", "sd-2-1", "--set", "counting",
                           "--steps", "2", "--store", str(store.root)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     made = store.connect().execute("SELECT sha256, generator FROM images WHERE sha256 IS NOT NULL ORDER BY 1").fetchall()
@@ -158,13 +158,11 @@ def test_killed_generation_resumes_to_exactly_the_expected_images(tmp_path):
     import sys
     import time
 
-    from conftest import PROJECT, make_release
-
     release = make_release(tmp_path / "release", captions_per_set=3, images_per_caption=2)
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(release))
     env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "tia2.cli", "generate", "--model", "tiny-sd", "--set", "counting",
+    command = [sys.executable, "-m", "cli", "generate", "--model", "tiny-sd", "--set", "counting",
                "--images-per-prompt", "4", "--steps", "3", "--batch-size", "1", "--store", str(store.root)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

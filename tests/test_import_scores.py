@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import ingest_tia2
-from tia2.cli import main
+from tests.support.scores import synthetic_score_table
+from cli.main import main
 from tia2.store import Store
-from tia2.synthetic import synthetic_score_table
 
 
 @pytest.fixture

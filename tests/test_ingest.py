@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from tasks.ingest import ingest_tia2
-from tia2.cli import main
+from cli.main import main
 from tia2.store import Store
 
 

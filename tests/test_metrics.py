@@ -11,8 +11,8 @@ import pytest
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import copy_store
-from tia2.cli import main
+from cli.main import main
+from tests.support.stores import copy_store
 
 SPECS = ["alpha", "textnorm(alpha, tau=0.5)", "textnorm(beta, tau=2)",
          "mean(textnorm(alpha, tau=0.5), textnorm(beta, tau=2))",
@@ -123,7 +123,7 @@ def test_partially_missing_scores_are_counted(tmp_path, mini_release, capsys):
 
     from tasks.ingest import ingest_tia2
     from tia2.store import Store
-    from tia2.synthetic import synthetic_score_table
+    from tests.support.scores import synthetic_score_table
 
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(mini_release))
@@ -190,7 +190,7 @@ def test_caption_ranking_counts_ties_against_the_caption(tmp_path, mini_release)
     from tasks.metrics import caption_ranking
     from tasks.score import import_scores
     from tia2.store import Store
-    from tia2.synthetic import synthetic_score_table
+    from tests.support.scores import synthetic_score_table
 
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(mini_release))

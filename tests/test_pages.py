@@ -21,15 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import PROJECT
 from tasks.generate import image_id, prompts_to_generate, save_png
 from tasks.ingest import ingest_tia2
 from tasks.metrics import caption_ranking, compute_metrics, format_table2, set_means
 from tasks.report import build_report, headline_metrics, record_report, report_markdown, table2_markdown
 from tasks.score import import_scores
+from tests.support.project import PROJECT
+from tests.support.scores import synthetic_score_table
 from tia2.specs import parse_spec
 from tia2.store import Store
-from tia2.synthetic import synthetic_score_table
 from tia2.tracking import (EXPERIMENT_KIND, WORKFLOW_QUERY, artifact_reference, metric_key, run_label, run_page_url,
                            stage_run)
 
@@ -274,5 +274,5 @@ def test_info_lines_reach_the_prefect_api_but_not_the_console(tmp_path):
 def test_version_comes_from_the_package_metadata():
     from importlib.metadata import version
 
-    out = subprocess.run([sys.executable, "-m", "tia2.cli", "--version"], capture_output=True, text=True, cwd=PROJECT)
+    out = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=PROJECT)
     assert out.returncode == 0 and out.stdout.strip() == f"tia2 {version('tia2')}"

@@ -12,8 +12,8 @@ import pytest
 
 from tasks.prompts import (cached_embeddings, covered_mask, embed_texts, knn_graph, load_embedder, read_pool,
                            synthetic_prompts, vote_k)
-from conftest import copy_store
-from tia2.cli import main
+from tests.support.stores import copy_store
+from cli.main import main
 from tia2.errors import UserError
 from tia2.store import Store
 

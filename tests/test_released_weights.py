@@ -13,26 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT, make_release
 from tasks.ingest import import_images, ingest_tia2
+from tests.support.hub import hub_snapshot
+from tests.support.project import PROJECT
+from tests.support.stores import make_release
 from tia2.models import create_reward_model
 from tia2.models.clip_family import clip_bpe_tokenizer
 from tia2.store import Store
 
 pytestmark = pytest.mark.slow
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def hub_snapshot(cache, repo: str):
-    """The snapshot folder of `repo` in an HF cache laid out as the hub client writes it."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    snapshot = root / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    return snapshot
-
-
 @pytest.fixture
 def two_image_store(tmp_path):
     release = make_release(tmp_path / "release", captions_per_set=1, images_per_caption=2)
@@ -62,7 +51,7 @@ def expected_scores(store, model):
 
 def score_offline(store, name, cache):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(PROJECT))
-    out = subprocess.run([sys.executable, "-m", "tia2.cli", "score", "--reward-model", name,
+    out = subprocess.run([sys.executable, "-m", "cli", "score", "--reward-model", name,
                           "--store", str(store.root)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = store.connect().execute(

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT
+from tests.support.project import PROJECT
+from tests.support.scores import synthetic_score_table
+from tests.support.stores import write_images
 from tia2.store import TABLES, Store
-from tia2.synthetic import synthetic_score_table
-from test_scoring import write_images
 
 pytestmark = pytest.mark.slow
 POOL = PROJECT.parent / "shared" / "data" / "imagereward" / "benchmark_prompts.json"
@@ -70,7 +70,7 @@ def test_two_fresh_store_runs_are_identical(tmp_path, mini_release, isolated_tra
         config.write_text(yaml.safe_dump(settings))
         env = dict(os.environ, PREFECT_HOME=str(tmp_path / run / "prefect"), TIA2_SOURCE=str(mini_release),
                    MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / run}/mlflow.db", PYTHONPATH=str(PROJECT))
-        done = subprocess.run([sys.executable, "-m", "tia2.cli", "benchmark", "--config", str(config)],
+        done = subprocess.run([sys.executable, "-m", "cli", "benchmark", "--config", str(config)],
                               cwd=tmp_path / run, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         contents.append(store_content(store_root))

@@ -4,8 +4,7 @@ rows older code made with the same weights instead of keeping them."""
 import pyarrow as pa
 
 from tasks.score import score_images
-from test_scoring import image_store  # noqa: F401 (a fixture)
-from tia2.cli import main
+from cli.main import main
 from tia2.models import create_reward_model
 
 

@@ -11,40 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT
 from tasks.ingest import import_images, ingest_tia2
 from tasks.score import pending_pairs, score_images
-from tia2.cli import main
+from tests.support.project import PROJECT
+from tests.support.stores import make_release, write_images
+from cli.main import main
 from tia2.models import create_reward_model, list_models, model_config
 from tia2.store import Store
 
 TINY = [m for m in list_models() if m.startswith("tiny-")]
-
-
-def write_images(release, folder, sets=("counting", "composition"), size=(72, 96)):
-    """Random-pixel JPEGs under the file names of the release's images (inputs, not outputs)."""
-    import json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for set_name in sets:
-        labels = json.loads((release / f"human_annotations/human_labels_{set_name}.json").read_text())
-        (folder / set_name).mkdir(exist_ok=True)
-        for name in labels:
-            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / set_name / name)
-    return folder
-
-
-@pytest.fixture
-def image_store(tmp_path, mini_release):
-    store = Store(tmp_path / "store")
-    ingest_tia2(store, str(mini_release))
-    images = write_images(mini_release, tmp_path / "images")
-    for set_name in ("counting", "composition"):
-        result = import_images(store, set_name, images / set_name)
-        assert result["registered"] == 8 and result["unmatched_files"] == 0
-    return store
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -130,8 +105,6 @@ def test_corrupt_image_is_recorded_and_the_rest_scored(image_store, capsys):
 
 
 def test_killed_scoring_resumes_to_exactly_the_expected_rows(tmp_path, mini_release):
-    from conftest import make_release
-
     release = make_release(tmp_path / "big_release", captions_per_set=4, images_per_caption=10)
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(release))
@@ -139,7 +112,7 @@ def test_killed_scoring_resumes_to_exactly_the_expected_rows(tmp_path, mini_rele
     import_images(store, "counting", images / "counting")
     expected = 40 * 4
     env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "tia2.cli", "score", "--reward-model", "tiny-clip",
+    command = [sys.executable, "-m", "cli", "score", "--reward-model", "tiny-clip",
                "--batch-size", "1", "--store", str(store.root)]
     for delay in (4.0, 5.0):  # kill twice, at different points, while parts are being written
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

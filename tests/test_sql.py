@@ -7,7 +7,8 @@ import tracemalloc
 
 import pytest
 
-from tia2.cli import TABLE_VIEW_ROWS, main
+from cli.main import main
+from cli.sql import TABLE_VIEW_ROWS
 from tia2.store import TABLES, Store
 
 

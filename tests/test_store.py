@@ -34,6 +34,22 @@ def test_schema_is_checked_on_write(tmp_path):
     assert store.read("labels").num_rows == 0
 
 
+def test_upsert_together_writes_every_table_or_none(tmp_path):
+    store = Store(tmp_path)
+    prompts = pa.table({"prompt_id": ["p0"], "text": ["a cat"], "set": ["s"], "category": pa.nulls(1, pa.string()),
+                        "subcategory": pa.nulls(1, pa.string()), "source": ["test"]})
+    before = {t: (tmp_path / f"{t}.parquet").read_bytes() for t in ("prompts", "labels")}
+    with pytest.raises(ValueError, match="repeat a key"):  # the second table fails after the first was merged
+        store.upsert_together({"prompts": prompts, "labels": pa.concat_tables([_labels(2), _labels(1)])})
+    assert {t: (tmp_path / f"{t}.parquet").read_bytes() for t in before} == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert store.upsert_together({"prompts": prompts, "labels": _labels(2)}) == {"prompts": 1, "labels": 2}
+    changed = prompts.set_column(1, "text", pa.array(["a dog"]))
+    assert store.upsert_together({"prompts": changed, "labels": _labels(3)}, keep_stored=("prompts",)) == \
+        {"prompts": 0, "labels": 1}
+    assert store.read("prompts").column("text").to_pylist() == ["a cat"]
+
+
 def _scores(n, score=0.5):
     return pa.table({"image_id": [f"i{k}" for k in range(n)], "text": ["t"] * n, "reward_model": ["m"] * n,
                      "model_version": ["v"] * n, "score": [score] * n, "run_id": [None] * n,
@@ -90,7 +106,7 @@ def test_a_store_whose_tables_were_deleted_starts_a_new_life(tmp_path):
 
 
 def test_the_root_may_be_a_file_url_and_other_file_systems_are_refused_in_one_line(tmp_path, capsys):
-    from tia2.cli import main
+    from cli.main import main
 
     by_url = Store(f"file://{tmp_path}/shared/../store")
     by_url.upsert("prompts", pa.Table.from_pylist([dict(prompt_id="p", text="t", set="s", category=None,

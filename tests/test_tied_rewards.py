@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.finetune import textnorm_probability
-from tasks.rewards import RewardEvaluator, load_frame, textnorm
+from tasks.rewards import RewardEvaluator, load_frame, textnorm, textnorm_probability
 from tia2.specs import parse_spec
 
 
@@ -62,7 +61,7 @@ def test_evaluated_specs_tie_for_tied_scores(tmp_path, mini_release):
     from tasks.ingest import ingest_tia2
     from tasks.score import import_scores
     from tia2.store import Store
-    from tia2.synthetic import synthetic_score_table
+    from tests.support.scores import synthetic_score_table
 
     store = Store(tmp_path / "store")
     ingest_tia2(store, str(mini_release))

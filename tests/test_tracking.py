@@ -7,7 +7,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT
+from tests.support.project import PROJECT
 from tia2.tracking import stage_run
 
 # A stage run with a nested one, open until the process ends; prints both run ids.

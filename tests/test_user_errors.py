@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from tasks.score import import_scores
-from test_scoring import image_store  # noqa: F401  (a fixture: the mini release with counting and composition JPEGs)
-from tia2.cli import main
+from tests.support.scores import synthetic_score_table
+from cli.main import main
 from tia2.errors import UserError
 from tia2.store import Store
-from tia2.synthetic import synthetic_score_table
 
 
 def store_files(store: Store) -> dict[str, str]:

@@ -7,8 +7,9 @@ not a failed Prefect task minutes later."""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -18,17 +19,20 @@ from tia2.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = PROJECT_ROOT / "configs"
+DEFAULT_PROFILE = "tiny"  # CPU and tiny models: what a run without a config does
 
 
 # --- checks of values: each returns what is wrong with a value, or None ------------------------
-KIND_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+KIND_NAMES = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "text"}
 
 
 def has_kind(value, kind: str) -> bool:
     """Whether `value` is of a kind of KIND_NAMES (a bool is no number, though Python says so)."""
     if kind == "bool":
         return isinstance(value, bool)
-    return not isinstance(value, bool) and isinstance(value, {"int": int, "float": (int, float), "str": str}[kind])
+    if kind == "float":  # YAML's .nan and .inf are floats, but no setting means them
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    return not isinstance(value, bool) and isinstance(value, {"int": int, "str": str}[kind])
 
 
 def _whole(minimum: int | None = None) -> Callable:
@@ -40,7 +44,7 @@ def _whole(minimum: int | None = None) -> Callable:
 
 def _number(value):
     if not has_kind(value, "float"):
-        return f"must be a number (got {value!r})"
+        return f"must be a finite number (got {value!r})"
 
 
 def _text(value):
@@ -153,42 +157,75 @@ class Setting:
     optional: bool = False  # null is allowed (no such stage, no limit, the default)
 
 
+def _key(meaning: str, check: Callable, default=MISSING, *, optional: bool = False):
+    """A config key as a BenchmarkConfig field: the value a run takes when the config leaves it
+    out (none: `BenchmarkConfig.from_settings` fills it in), its meaning and the check of a value."""
+    setting = {"setting": Setting(meaning, check, optional)}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=setting)
+    return field(default=default, metadata=setting)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Every key a benchmark config may set, with its default, its meaning and the check of its
+    value (`CONFIG_KEYS`); `resolve_config` gives the one of a run. Lists are tuples here."""
+    store: str = _key("store root (default: TIA2_STORE or ./storage)", _text, optional=True)
+    tia2_source: str = _key("folder or base URL of the TIA2 release (default: TIA2_SOURCE, else the public "
+                            "repository)", _text, optional=True)
+    sets: tuple[str, ...] = _key("TIA2 sets to ingest and evaluate (comprehensive, counting, composition)", _sets)
+    prompt_pool: str | None = _key("file of prompts (JSON/CSV/Parquet/text) to select diverse prompts from (tia2 "
+                                   "sample-prompts); they become set `selected`", _prompt_pool, None, optional=True)
+    pool_prompts: int = _key("how many prompts to select from the pool (default 100)", _whole(1), 100)
+    pool_k: int = _key("neighbours per prompt in the selection graph (default 150, the ImageReward paper's)",
+                       _whole(1), 150)
+    pool_seed: int = _key("seed of the selection's tie-breaks", _whole(), 0)
+    contrast_method: str = _key("method for prompts without contrast prompts: rules (default) or llm (tia2 "
+                                "contrast)", _one_of("rules", "llm"), "rules")
+    generator: str | None = _key("diffusion model to make images for the prompts (tia2 generate), e.g. tiny-sd, "
+                                 "sd-2-1", _generator, None, optional=True)
+    images_per_prompt: int = _key("images the generator makes per prompt", _whole(1), 1)
+    steps: int = _key("denoising steps (TextNorm paper: 50)", _whole(1), 50)
+    guidance: float = _key("classifier-free guidance scale (TextNorm paper: 7.5)", _number, 7.5)
+    max_prompts: int | None = _key("generate for the first N prompts of each set only (all when absent)",
+                                   _whole(1), None, optional=True)
+    generate_shards: int = _key("split generation into this many Prefect tasks over shards of the prompts "
+                                "(default 1)", _whole(1), 1)
+    image_folders: dict[str, str] = _key("image files to register, {set: folder} (see tia2 import-images)",
+                                         _folders, {})
+    reward_models: tuple[str, ...] = _key("reward models to score every image with (tia2 score), e.g. [tiny-clip, "
+                                          "pickscore]", _reward_models, ())
+    weights: str = _key("weights of those models: pretrained (hub / HF cache), random, or a local path", _weights,
+                        "pretrained")
+    device: str = _key("device for generation, scoring and fine-tuning: cpu, cuda, cuda:N, mps", _device, "cpu")
+    batch_size: int = _key("images per scoring batch", _whole(1), 32)
+    score_shards: int = _key("score each model as this many Prefect tasks over shards of the images (default 1)",
+                             _whole(1), 1)
+    score_files: tuple[str, ...] = _key("score files (Parquet/CSV) to import before the metrics", _files, ())
+    rewards: tuple[str, ...] = _key("reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)", _specs, ())
+    finetune: dict | None = _key("fine-tuning and its evaluation, a mapping (flows/finetune.py): algos, reward, "
+                                 "sets, max_prompts, model, weights, reward_weights, settings, evaluate", _mapping,
+                                 None, optional=True)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> BenchmarkConfig:
+        """A checked config (`merged_config`) with what it leaves out filled in: the store and the
+        TIA2 source from the environment, all of TIA2's sets, the finetune section's defaults,
+        and the fields' defaults."""
+        from tasks.ingest import DEFAULT_SOURCE, SETS
+        from tia2.store import default_store_root
+
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
+        values["store"] = settings.get("store") or default_store_root()
+        values["tia2_source"] = settings.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
+        values.setdefault("sets", SETS)
+        if settings.get("finetune"):
+            values["finetune"] = _finetune_defaults(settings)
+        return cls(**values)
+
+
 # Every key a benchmark config may set, with its meaning and the check of its value.
-CONFIG_KEYS = {
-    "store": Setting("store root (default: TIA2_STORE or ./storage)", _text, optional=True),
-    "tia2_source": Setting("folder or base URL of the TIA2 release (default: TIA2_SOURCE, else the public "
-                           "repository)", _text, optional=True),
-    "sets": Setting("TIA2 sets to ingest and evaluate (comprehensive, counting, composition)", _sets),
-    "prompt_pool": Setting("file of prompts (JSON/CSV/Parquet/text) to select diverse prompts from (tia2 "
-                           "sample-prompts); they become set `selected`", _prompt_pool, optional=True),
-    "pool_prompts": Setting("how many prompts to select from the pool (default 100)", _whole(1)),
-    "pool_k": Setting("neighbours per prompt in the selection graph (default 150, the ImageReward paper's)",
-                      _whole(1)),
-    "pool_seed": Setting("seed of the selection's tie-breaks", _whole()),
-    "contrast_method": Setting("method for prompts without contrast prompts: rules (default) or llm (tia2 "
-                               "contrast)", _one_of("rules", "llm")),
-    "generator": Setting("diffusion model to make images for the prompts (tia2 generate), e.g. tiny-sd, sd-2-1",
-                         _generator, optional=True),
-    "images_per_prompt": Setting("images the generator makes per prompt", _whole(1)),
-    "steps": Setting("denoising steps (TextNorm paper: 50)", _whole(1)),
-    "guidance": Setting("classifier-free guidance scale (TextNorm paper: 7.5)", _number),
-    "max_prompts": Setting("generate for the first N prompts of each set only (all when absent)", _whole(1),
-                           optional=True),
-    "generate_shards": Setting("split generation into this many Prefect tasks over shards of the prompts "
-                               "(default 1)", _whole(1)),
-    "image_folders": Setting("image files to register, {set: folder} (see tia2 import-images)", _folders),
-    "reward_models": Setting("reward models to score every image with (tia2 score), e.g. [tiny-clip, pickscore]",
-                             _reward_models),
-    "weights": Setting("weights of those models: pretrained (hub / HF cache), random, or a local path", _weights),
-    "device": Setting("device for generation, scoring and fine-tuning: cpu, cuda, cuda:N, mps", _device),
-    "batch_size": Setting("images per scoring batch", _whole(1)),
-    "score_shards": Setting("score each model as this many Prefect tasks over shards of the images (default 1)",
-                            _whole(1)),
-    "score_files": Setting("score files (Parquet/CSV) to import before the metrics", _files),
-    "rewards": Setting("reward specs to evaluate, e.g. textnorm(pickscore, tau=0.01)", _specs),
-    "finetune": Setting("fine-tuning and its evaluation, a mapping (flows/finetune.py): algos, reward, sets, "
-                        "max_prompts, model, weights, reward_weights, settings, evaluate", _mapping, optional=True),
-}
+CONFIG_KEYS = {key.name: key.metadata["setting"] for key in fields(BenchmarkConfig)}
 # The keys of the `finetune` section, and of its `evaluate` mapping.
 FINETUNE_KEYS = {
     "algos": Setting("rwr, ddpo and/or refl (default [refl])", _names),
@@ -198,8 +235,8 @@ FINETUNE_KEYS = {
     "model": Setting("the generator (default: the config's generator)", _generator, optional=True),
     "weights": Setting("the generator's weights (default pretrained)", _weights),
     "reward_weights": Setting("the reward models' weights (default: the config's weights)", _weights),
-    "settings": Setting("hyperparameters on top of the paper's: any FinetuneConfig field (tasks/finetune.py)",
-                        _mapping),
+    "settings": Setting("hyperparameters on top of the paper's: any fine-tuning setting (SETTING_NAMES, "
+                        "tasks/finetune.py)", _mapping),
     "evaluate": Setting("the checkpoints against the base model on held-out prompts", _mapping),
 }
 EVALUATE_KEYS = {
@@ -266,15 +303,14 @@ def _finetune_problems(settings: dict) -> list[str]:
 
 
 def _hyperparameter_problems(section: dict) -> list[str]:
-    from tasks.finetune import ALGORITHMS, FinetuneConfig, paper_config
+    from tasks.finetune import ALGORITHMS, SETTING_NAMES, paper_config
 
     unknown_algos = _unknown("algorithm(s)", section["algos"], list(ALGORITHMS))
     if unknown_algos:
         return [f"finetune.algos: {unknown_algos}"]
-    known = [f.name for f in fields(FinetuneConfig) if f.name not in ("algo", "reward")]
-    unknown = sorted(set(section["settings"]) - set(known))
+    unknown = sorted(set(section["settings"]) - set(SETTING_NAMES))
     if unknown:
-        return [f"finetune.settings: unknown setting(s) {', '.join(unknown)} (known: {', '.join(known)})"]
+        return [f"finetune.settings: unknown setting(s) {', '.join(unknown)} (known: {', '.join(SETTING_NAMES)})"]
     failures = [_failure(paper_config, algo, section["reward"], **hyperparameters(section))
                 for algo in section["algos"]]
     # the same mistake fails every algorithm: report it once
@@ -328,19 +364,15 @@ def merged_config(profile_or_path: str, overrides: dict | None = None) -> dict:
     return settings
 
 
-def resolve_config(profile_or_path: str = "tiny", overrides: dict | None = None) -> dict:
-    """The benchmark flow's settings: `merged_config` with the store, the TIA2 source (checked: its
-    files are there, or its URL answers) and the finetune section's defaults filled in."""
-    from tasks.ingest import DEFAULT_SOURCE, SETS, check_source
-    from tia2.store import default_store_root
+def resolve_config(profile_or_path: str = DEFAULT_PROFILE, overrides: dict | None = None) -> BenchmarkConfig:
+    """The benchmark flow's settings: `merged_config` with what it leaves out filled in
+    (`BenchmarkConfig.from_settings`) and the TIA2 source checked: its files are there, or its URL
+    answers."""
+    from tasks.ingest import check_source
 
-    settings = merged_config(profile_or_path, overrides)
-    settings["store"] = settings.get("store") or default_store_root()
-    settings["tia2_source"] = settings.get("tia2_source") or os.environ.get("TIA2_SOURCE") or DEFAULT_SOURCE
-    check_source(settings["tia2_source"], tuple(settings.get("sets", SETS)))
-    if settings.get("finetune"):
-        settings["finetune"] = _finetune_defaults(settings)
-    return settings
+    config = BenchmarkConfig.from_settings(merged_config(profile_or_path, overrides))
+    check_source(config.tia2_source, config.sets)
+    return config
 
 
 def set_prefect_defaults() -> None:

@@ -4,11 +4,13 @@ Module initialisers (`nn.Linear.reset_parameters`, LoRA's `A`, ...) can draw onl
 global RNG, which every thread of the process shares: two models built at once by a thread-pool
 task runner interleave their draws, and the same seed gives other weights. Every model build
 therefore runs inside `seeded_init`, which holds the global RNG for one thread at a time; every
-sampling step draws from its own seeded `torch.Generator` instead and never touches it.
+sampling step draws from its own seeded `torch.Generator` instead and never touches it. Image i of
+a prompt is seeded from (prompt_id, i, base seed) alone (`image_seed`), whatever the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import contextmanager
 
@@ -26,3 +28,9 @@ def seeded_init(seed: int):
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def image_seed(prompt_id: str, index: int, base_seed: int) -> int:
+    """The seed of image `index` of a prompt: generation's, and fine-tuning's training and
+    evaluation images."""
+    return int(hashlib.sha256(f"{prompt_id}:{index}:{base_seed}".encode()).hexdigest()[:15], 16)

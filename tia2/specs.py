@@ -15,25 +15,46 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tia2.errors import UserError
 
 
+class _SpecNode:
+    """What every kind of spec offers."""
+
+    def models(self) -> set[Model]:
+        """The reward models the spec reads."""
+        return set(scores_needed([self]))
+
+
 @dataclass(frozen=True)
-class Model:
+class Model(_SpecNode):
     name: str
     version: str | None = None
 
     def __str__(self) -> str:
         return self.name if self.version is None else f"{self.name}@{self.version}"
 
-    def models(self) -> set[Model]:
-        return {self}
+    def version_among(self, versions: Sequence[str], built: bool = False) -> str:
+        """The version this name means among `versions` (not empty): those of the model's stored
+        scores, or (built) the one of the model built here. The pinned one (NAME@VERSION), else
+        the only one."""
+        what, where = ("build", "built here") if built else ("scores", "stored")
+        if self.version is not None:
+            if self.version not in versions:
+                raise UserError(f"reward model {self.name!r} has no {what} of version {self.version!r} "
+                                f"({where}: {', '.join(versions)})")
+            return self.version
+        if len(versions) > 1:
+            raise UserError(f"reward model {self.name!r} has {what} of several versions "
+                            f"({', '.join(versions)}): write {self.name}@VERSION")
+        return versions[0]
 
 
 @dataclass(frozen=True)
-class TextNorm:
+class TextNorm(_SpecNode):
     inner: Spec
     tau: float
     contrast: str = "dataset"
@@ -42,34 +63,45 @@ class TextNorm:
         extra = "" if self.contrast == "dataset" else f", contrast={self.contrast}"
         return f"textnorm({self.inner}, tau={_num(self.tau)}{extra})"
 
-    def models(self) -> set[Model]:
-        return self.inner.models()
-
 
 @dataclass(frozen=True)
-class Mean:
+class Mean(_SpecNode):
     parts: tuple[Spec, ...]
 
     def __str__(self) -> str:
         return f"mean({', '.join(map(str, self.parts))})"
 
-    def models(self) -> set[Model]:
-        return set().union(*(p.models() for p in self.parts))
-
 
 @dataclass(frozen=True)
-class UncertaintyRegularized:
+class UncertaintyRegularized(_SpecNode):
     parts: tuple[Spec, ...]
     lam: float
 
     def __str__(self) -> str:
         return f"ur({', '.join(map(str, self.parts))}, lam={_num(self.lam)})"
 
-    def models(self) -> set[Model]:
-        return set().union(*(p.models() for p in self.parts))
-
 
 Spec = Model | TextNorm | Mean | UncertaintyRegularized
+
+
+def scores_needed(specs: Iterable[Spec]) -> dict[Model, set[str | None]]:
+    """Each reward model the specs read, with the contrast methods whose scores they need: a model
+    inside textnorm(..., contrast=METHOD) needs METHOD (and its caption's score), one elsewhere
+    None (its caption's score only)."""
+    needs: dict[Model, set[str | None]] = {}
+
+    def walk(spec: Spec, method: str | None) -> None:
+        if isinstance(spec, Model):
+            needs.setdefault(spec, set()).add(method)
+        elif isinstance(spec, TextNorm):
+            walk(spec.inner, spec.contrast)
+        else:
+            for part in spec.parts:
+                walk(part, method)
+
+    for spec in specs:
+        walk(spec, None)
+    return needs
 
 
 def _num(x: float) -> str:

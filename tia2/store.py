@@ -243,6 +243,13 @@ TABLES: dict[str, TableSpec] = {
     ),
 }
 
+# The TIA2 protocol's labels of each labelled image (DESIGN.md): binary z = 1 iff at least two
+# annotators gave 1; graded = the mean over its annotators of 1 -> 1, 0 -> 0, -1 -> 0.5.
+IMAGE_LABELS_VIEW = """CREATE OR REPLACE VIEW image_labels AS
+    SELECT image_id, (count_if(label = 1) >= 2)::INTEGER AS z,
+           avg(CASE label WHEN 1 THEN 1.0 WHEN 0 THEN 0.0 WHEN -1 THEN 0.5 END) AS graded
+    FROM labels GROUP BY image_id"""
+
 
 def stable_id(*parts: str) -> str:
     """A short, stable identifier for a tuple of strings (prompt ids, TIA2 image ids)."""
@@ -318,10 +325,12 @@ class Store:
 
     # --- reading -------------------------------------------------------------------------
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with one view per table (holds no file lock)."""
+        """An in-memory DuckDB connection with one view per table and `image_labels` (holds no
+        file lock)."""
         con = duckdb.connect()
         for name in TABLES:
             con.execute(self._view_sql(name))
+        con.execute(IMAGE_LABELS_VIEW)
         return con
 
     def _view_sql(self, table: str) -> str:
@@ -432,11 +441,37 @@ class Store:
         A row whose key is stored replaces it (or, with replace=False, is dropped). When nothing
         changes the file is left untouched, so fingerprints and cache keys stay the same.
         """
+        return self.upsert_together({table: rows}, keep_stored=() if replace else (table,))[table]
+
+    def upsert_together(self, tables: dict[str, pa.Table], *, keep_stored: tuple[str, ...] = ()) -> dict[str, int]:
+        """`upsert` into several small tables as one change: every new file is written (under all
+        their locks, taken in name order) before any stored file is replaced, so a failure (a
+        repeated key, a full disk) leaves every table as it was. In the tables of `keep_stored` a
+        stored row wins over a new one of its key. Returns the new keys per table."""
+        conformed = {table: self.conform(table, rows) for table, rows in tables.items()}
+        added, staged = {}, []  # (temporary file, the table file it replaces)
+        with contextlib.ExitStack() as held:
+            for table in sorted(conformed):
+                held.enter_context(self.lock(table))
+            try:
+                for table, rows in conformed.items():
+                    merged, added[table] = self._merged(table, rows, replace=table not in keep_stored)
+                    if merged is not None:
+                        staged.append((self._stage_file(self._file(table), merged), self._file(table)))
+            except BaseException:
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                raise
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        return added
+
+    def _merged(self, table: str, rows: pa.Table, replace: bool) -> tuple[pa.Table | None, int]:
+        """The table with `rows` upserted (None when nothing changes) and how many keys are new."""
         spec = TABLES[table]
         assert not spec.append_only, f"{table} is append-only: use append_missing"
-        rows = self.conform(table, rows)
         key = ", ".join(f'"{k}"' for k in spec.key)
-        with self.lock(table), duckdb.connect() as con:
+        with duckdb.connect() as con:
             con.register("new_rows", rows)
             if con.execute(f"SELECT count(*) - count(DISTINCT ({key})) FROM new_rows").fetchall()[0][0]:
                 raise ValueError(f"table {table!r}: the new rows repeat a key ({key})")
@@ -451,13 +486,12 @@ class Store:
                 "SELECT count(*) FROM (SELECT * FROM new_rows EXCEPT SELECT * FROM old_rows)"
             ).fetchall()[0][0]
             if not changed:
-                return 0
+                return None, 0
             merged = con.sql(
                 f"SELECT * FROM old_rows ANTI JOIN new_rows USING ({key}) "
                 f"UNION ALL BY NAME SELECT * FROM new_rows"
             ).to_arrow_table()
-            self._write_file(self._file(table), merged.select(spec.schema.names).cast(spec.schema))
-        return added
+        return merged.select(spec.schema.names).cast(spec.schema), added
 
     def append_missing(self, table: str, rows: pa.Table, *, compare: str, replace: bool = False) -> AppendResult:
         """Append the rows whose key is not yet stored (an append-only table).

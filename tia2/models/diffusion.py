@@ -7,7 +7,9 @@ sources as the reward models (configs in `generators/`).
     create_pipeline("tiny-sd")                   a tiny twin: the same classes, a small config
 
 Random-weight pipelines are composed from their components (UNet, VAE, CLIP text encoder, the
-CLIP BPE tokenizer, the scheduler) exactly as diffusers composes a loaded one.
+CLIP BPE tokenizer, the scheduler) exactly as diffusers composes a loaded one. LoRA adapters
+are saved (`save_adapter`) and loaded (`apply_lora`) here, in diffusers' format; training them
+uses `tia2.models.diffusion_training`.
 """
 
 from __future__ import annotations
@@ -33,15 +35,30 @@ class Generator:
     lora: str | None = None  # "<file name>@sha256:<12 hex>" of an applied LoRA adapter
 
 
+# A LoRA adapter's file in diffusers' format: what fine-tuning saves and generation loads.
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+
+
+def save_adapter(unet, folder: Path) -> Path:
+    """The UNet's LoRA adapter (peft's) in diffusers' format, the file `apply_lora` loads."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return folder / ADAPTER_FILE
+
+
 def apply_lora(generator: Generator, path: str | Path) -> Generator:
-    """Load a LoRA adapter (diffusers' `pytorch_lora_weights.safetensors`, a file or its folder),
-    as the fine-tuning stage saves it, into the generator's UNet."""
+    """Load a LoRA adapter (diffusers' `ADAPTER_FILE`, the file or its folder), as the
+    fine-tuning stage saves it (`save_adapter`), into the generator's UNet."""
     from tia2.models.base import weights_identity
 
     path = Path(path)
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    file = path / ADAPTER_FILE if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"no LoRA adapter at {file} (expected pytorch_lora_weights.safetensors)")
+        raise UserError(f"no LoRA adapter at {file} (expected {ADAPTER_FILE})")
     try:
         with seeded_init(0):  # the LoRA layers' initial weights, overwritten by the file's
             generator.pipeline.load_lora_weights(str(file.parent), weight_name=file.name)

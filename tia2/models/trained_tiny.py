@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tia2.models.diffusion import Generator, create_pipeline
+from tia2.models.diffusion_training import Diffusion
 
 
 def disc_pictures(count: int, size: int, seed: int) -> torch.Tensor:
@@ -39,8 +40,6 @@ def trained_tiny_sd(texts: list[str], size: int = 16, pictures_per_text: int = 4
     loss of `pictures_per_text` disc pictures per text. Returns the generator and the training
     latents ([len(texts) * pictures_per_text, 4, size/2, size/2], grouped by text). 16 px (8x8
     latents) and 800 steps take about a minute on one CPU thread."""
-    from tasks.finetune import Diffusion
-
     generator = create_pipeline("tiny-sd", seed=seed, device=device)
     pipeline = generator.pipeline
     pipeline.unet.register_to_config(sample_size=size // pipeline.vae_scale_factor)

@@ -1,4 +1,4 @@
-"""Stage: evaluation of generators against rewards. For now: best-of-n (TextNorm paper §5.2).
+"""Stage: best-of-n (TextNorm paper §5.2), generators evaluated against rewards.
 
 Best-of-n picks, per prompt, the image with the highest reward among the first n generated
 (ordinals 0..n-1), for every reward spec and every n; a contact sheet per prompt shows the picks

@@ -7,7 +7,7 @@ import pytest
 from tasks.generate import generate_images
 from tasks.ingest import ingest_tia2
 from tasks.score import score_images
-from tia2.cli import main
+from cli.main import main
 from tia2.models import create_reward_model
 from tia2.models.diffusion import create_pipeline
 from tia2.store import Store

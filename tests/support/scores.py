@@ -1,4 +1,4 @@
-"""Constructed score tables for protocol tests and benchmarks.
+"""Constructed score tables for protocol tests and benchmarks (benchmarks/metrics_bench.py).
 
 These are not any model's output: they are random scores with a chosen dependence on the human
 labels, in the import format of `tia2 import-scores`, so the protocol and the store can be
