@@ -191,6 +191,63 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("set", "prompt_id", "reward"),
     ),
+    # Human rankings of one item's images (tasks/preferences.py): an item is one prompt's images as
+    # people ranked them together (a file's entry, a comparison); lower rank is better, equal ranks
+    # tie. Pairs are formed within an item only. `annotator` is "consensus" for a file's combined
+    # ranking, else the annotator's name.
+    "preference_ranks": TableSpec(
+        _schema(
+            ("set", pa.string(), False),
+            ("item", pa.string(), False),
+            ("image_id", pa.string(), False),
+            ("annotator", pa.string(), False),
+            ("rank", pa.float64(), False),
+        ),
+        key=("set", "item", "image_id", "annotator"),
+    ),
+    # Per item and reward spec: the counts behind the preference figures (tia2/preference.py).
+    "preference_metrics": TableSpec(
+        _schema(
+            ("set", pa.string(), False),
+            ("item", pa.string(), False),
+            ("prompt", pa.string(), False),
+            ("reward", pa.string(), False),
+            ("annotator", pa.string(), False),
+            ("images", pa.int32(), False),
+            ("pairs", pa.int32(), False),          # pairs people rank differently
+            ("correct", pa.int32(), False),        # ... the reward orders the same way, strictly
+            ("model_ties", pa.int32(), False),     # ... the reward ties
+            ("human_ties", pa.int32(), False),
+            ("accuracy", pa.float64(), True),      # correct / pairs (null without pairs)
+            ("ranking_accuracy", pa.float64(), True),  # HPDv2's per-item figure
+            ("recall_at_1", pa.float64(), True),
+            ("recall_at_2", pa.float64(), True),
+            ("recall_at_4", pa.float64(), True),
+            ("filter_at_1", pa.float64(), True),
+            ("filter_at_2", pa.float64(), True),
+            ("filter_at_4", pa.float64(), True),
+            ("run_id", pa.string(), True),
+        ),
+        key=("set", "item", "reward", "annotator"),
+    ),
+    # Generators ranked by reward (tasks/generator_ranking.py): per reward spec and generator (a
+    # label: NAME, NAME+ADAPTER or set:SET) over the prompts all the ranked generators have; `sets`
+    # is the prompt sets asked for ("" for all), best_of 0 without best-of-N.
+    "generator_rankings": TableSpec(
+        _schema(
+            ("sets", pa.string(), False),
+            ("reward", pa.string(), False),
+            ("generator", pa.string(), False),
+            ("best_of", pa.int32(), False),
+            ("prompts", pa.int32(), False),
+            ("mean_reward", pa.float64(), False),
+            ("rank", pa.float64(), False),
+            ("best_of_n", pa.float64(), True),
+            ("best_of_n_rank", pa.float64(), True),
+            ("run_id", pa.string(), True),
+        ),
+        key=("sets", "reward", "generator", "best_of"),
+    ),
     # Fine-tuning checkpoints (tasks/finetune.py): a run is one (algorithm, base model, reward,
     # hyperparameters, prompts); each checkpoint's adapter, evaluated against the base model on the
     # training prompts with fixed seeds (wins: images whose reward beats the base image's).
