@@ -39,6 +39,17 @@ ITEMS = [  # two items share a prompt: their images never form pairs with each o
 ]
 
 
+def write_items(folder: Path) -> Path:
+    """ITEMS as folder/test.json and a decodable PNG for each of their images under folder/images."""
+    images = folder / "images"
+    for it in ITEMS:
+        for n, f in enumerate(it["generations"]):
+            (images / f).parent.mkdir(parents=True, exist_ok=True)
+            (images / f).write_bytes(png((40 * n, 30, 0)))
+    (folder / "test.json").write_text(json.dumps(ITEMS))
+    return images
+
+
 def write_scores(store: Store, tmp_path: Path, model: str, scores: dict[str, float]) -> None:
     rows = [{"set": "imagereward-test", "image": f, "prompt": it["prompt"], "reward_model": model, "score": scores[f]}
             for it in ITEMS for f in it["generations"]]
@@ -111,12 +122,7 @@ def test_bad_entries_are_one_error_and_nothing_is_written(tmp_path, entries, mes
 
 
 def test_image_files_are_registered_and_an_unreadable_one_is_an_error(tmp_path):
-    images = tmp_path / "images"
-    for it in ITEMS:
-        for n, f in enumerate(it["generations"]):
-            (images / f).parent.mkdir(parents=True, exist_ok=True)
-            (images / f).write_bytes(png((40 * n, 0, 0)))
-    (tmp_path / "test.json").write_text(json.dumps(ITEMS))
+    images = write_items(tmp_path)
     store = Store(tmp_path / "store")
     report = ingest_preferences(store, tmp_path / "test.json", "imagereward", images_dir=images)
     assert report["images_with_pixels"] == 11
@@ -235,12 +241,7 @@ def test_command_mistakes_are_one_line_and_write_nothing(tmp_path, capsys):
 def test_registered_images_are_scored_by_tia2_score(tmp_path, capsys):
     from cli.main import main
 
-    images = tmp_path / "images"
-    for it in ITEMS:
-        for n, f in enumerate(it["generations"]):
-            (images / f).parent.mkdir(parents=True, exist_ok=True)
-            (images / f).write_bytes(png((60 * n, 30, 0)))
-    (tmp_path / "test.json").write_text(json.dumps(ITEMS))
+    images = write_items(tmp_path)
     store = ["--store", str(tmp_path / "store")]
     assert main(["ingest-preferences", str(tmp_path / "test.json"), "--format", "imagereward",
                  "--images", str(images), *store]) == 0
