@@ -1,5 +1,6 @@
 """Shared fixtures: the real TIA2 release from ../shared (tests using it skip cleanly when it is
-absent), a small constructed release for error cases, and an isolated MLflow/Prefect state."""
+absent), a small constructed release for error cases, an isolated MLflow state, and a Prefect
+server for the session's flow runs. Helpers that are not fixtures are in tests/support/."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.prefect_server import prefect_server
 from tests.support.project import SHARED_TIA2
 from tests.support.stores import make_release, write_images
 
@@ -83,14 +85,22 @@ def image_store(tmp_path, mini_release):
     return store
 
 
-# Modules whose tests start Prefect servers (ephemeral or `prefect server start`). Under
-# pytest-xdist (`make test` runs two workers) they share one worker, one after the other: two
-# servers starting at once on one machine raced for a port and timed out.
-PREFECT_SERVER_MODULES = {"test_concurrency", "test_dask", "test_deployments", "test_evaluate_finetune", "test_flow",
-                          "test_pages", "test_reproducible"}
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """The API URL of one `prefect server start` for the session. A flow process given it as
+    PREFECT_API_URL starts no temporary server of its own, which takes about 25 s (the server's
+    imports, a new database's migrations). Tests using it are marked `prefect_server` (below)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api:
+        yield api
 
 
+# Tests marked `prefect_server` run flows against a Prefect server: the session's (`prefect_api`),
+# a temporary one of their own (what a flow process without PREFECT_API_URL starts), or one that
+# `prefect server start` runs. Under pytest-xdist (`make test` runs two workers) they share one
+# worker, one after the other: two servers starting at once on one machine raced for a port and
+# timed out, and the session's server starts once.
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (into node ids)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.module.__name__ in PREFECT_SERVER_MODULES:
+        if item.get_closest_marker("prefect_server"):
             item.add_marker(pytest.mark.xdist_group("prefect-servers"))

@@ -7,16 +7,17 @@ import pytest
 from tasks.generate import generate_images
 from tasks.ingest import ingest_tia2
 from tasks.score import score_images
+from tests.support.stores import make_release
 from cli.main import main
 from tia2.models import create_reward_model
 from tia2.models.diffusion import create_pipeline
 from tia2.store import Store
 
+pytestmark = pytest.mark.slow  # the module's store: tiny-sd's images, scored
+
 
 @pytest.fixture(scope="module")
 def scored_store(tmp_path_factory):
-    from conftest import make_release
-
     root = tmp_path_factory.mktemp("bon")
     store = Store(root / "store")
     ingest_tia2(store, str(make_release(root / "release")))

@@ -12,7 +12,7 @@ import pytest
 from tests.support.project import PROJECT
 from tia2.store import TABLES, Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.prefect_server]
 
 
 def _env(tmp_path, name, mini_release, isolated_tracking):

@@ -12,7 +12,7 @@ import pytest
 from tests.support.project import PROJECT
 from tia2.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.prefect_server]
 
 RUN = """
 import sys
@@ -32,7 +32,8 @@ def _scores(store_root):
         "SELECT image_id, text, reward_model, score FROM scores ORDER BY ALL").fetchall()
 
 
-def test_dask_cluster_scores_the_same_rows_as_the_default_runner(tmp_path, mini_release, isolated_tracking):
+def test_dask_cluster_scores_the_same_rows_as_the_default_runner(tmp_path, mini_release, isolated_tracking,
+                                                                  prefect_api):
     rows = {}
     for runner, shards in (("default", 1), ("dask", 2)):
         config = tmp_path / f"{runner}.yaml"
@@ -41,7 +42,7 @@ def test_dask_cluster_scores_the_same_rows_as_the_default_runner(tmp_path, mini_
                           f"weights: random\nscore_shards: {shards}\n")
         env = dict(os.environ, PREFECT_HOME=str(tmp_path / f"prefect-{runner}"), TIA2_SOURCE=str(mini_release),
                    MLFLOW_TRACKING_URI=f"sqlite:///{isolated_tracking}/mlflow.db", PYTHONPATH=str(PROJECT),
-                   HF_HUB_OFFLINE="1")
+                   HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
         done = subprocess.run([sys.executable, "-c", RUN, str(config), runner], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -7,52 +7,31 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.prefect_server import PREFECT, prefect_server
 from tests.support.project import PROJECT
 from tests.support.stores import make_release
 from tia2.store import Store
 
-pytestmark = pytest.mark.slow
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Its own server, not the session's (`prefect_api`): the `gpu` concurrency limit created here would
+# hold the other flow tests' shards to one at a time.
+pytestmark = [pytest.mark.slow, pytest.mark.prefect_server]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(root / "home"), PREFECT_API_URL=api, PREFECT_CLI_PROMPT="false",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONPATH=str(PROJECT),
-               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-               TIA2_SOURCE=str(make_release(root / "release")), HF_HUB_OFFLINE="1")
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"prefect server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    with prefect_server(root) as api:
+        env = dict(os.environ, PREFECT_HOME=str(root / "home"), PREFECT_API_URL=api, PREFECT_CLI_PROMPT="false",
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONPATH=str(PROJECT),
+                   PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                   TIA2_SOURCE=str(make_release(root / "release")), HF_HUB_OFFLINE="1")
         for command in (["work-pool", "create", "tia2", "--type", "process"],
                         ["concurrency-limit", "create", "gpu", "1"],
                         ["deploy", "--all"]):
@@ -60,13 +39,6 @@ def server(tmp_path_factory):
                                   timeout=180)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         yield {"env": env, "api": api, "root": root}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _run_deployment(server, name: str, params: dict) -> dict:

@@ -28,6 +28,7 @@ from tia2.models.diffusion import create_pipeline, save_adapter
 from tia2.models.diffusion_training import add_lora
 from tia2.store import Store, stable_id
 
+pytestmark = pytest.mark.slow  # every test reads `evaluated`, a fine-tuning run and its evaluation
 TEXTS = ["a photo of two cats", "three red apples on a table", "a blue car next to a tree",
          "four dogs on the grass", "a red ball under a chair"]
 GOLD = "tiny-pickscore"
@@ -266,7 +267,7 @@ def test_cli_prints_the_table_and_reports_bad_input_in_one_line(evaluated, tmp_p
         assert message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.slow
+@pytest.mark.prefect_server
 def test_prefect_artifacts_inside_a_flow_run(evaluated, tmp_path):
     """Inside a Prefect flow the stage posts a table and a markdown artifact (ephemeral API)."""
     import os

@@ -15,6 +15,7 @@ import torch
 
 from tasks.finetune import (OnlineReward, choose_kl_coefficient, finetune, paper_config, record_finetune,
                             select_checkpoint, training_prompts)
+from tests.support.stores import store_with_prompts
 from cli.main import main
 from tia2.errors import UserError
 from tia2.finetuning import ddpo, refl, rwr
@@ -38,11 +39,7 @@ def one_thread():
 
 
 def make_store(path, texts=TEXTS) -> Store:
-    store = Store(path)
-    store.upsert("prompts", pa.Table.from_pylist([
-        dict(prompt_id=stable_id("test", t), text=t, set="test", category=None, subcategory=None, source="test")
-        for t in texts]))
-    return store
+    return store_with_prompts(path, texts)
 
 
 def train(store, algo, reward="tiny-clip", **overrides):
@@ -158,6 +155,7 @@ def test_online_reward_is_differentiable_and_needs_contrast_prompts(tmp_path):
 # gains over the base model's mean on 32 evaluation images after 20 steps, seeds 0-2: with the
 # default DDPM chain +0.019, +0.029, +0.033 (31, 32, 32 of 32 images beat the base's), with
 # refl_sampler ddim +0.029, +0.029, +0.034 (32, 32, 31).
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_refl_raises_the_reward_above_the_base_model(tmp_path, seed):
     result = train(make_store(tmp_path / "store"), "refl", seed=seed, steps=20, checkpoint_every=10,
@@ -168,6 +166,7 @@ def test_refl_raises_the_reward_above_the_base_model(tmp_path, seed):
     assert final.wins >= 0.75 * final.n_eval
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ddpo", "rwr"])
 def test_ddpo_and_rwr_train_the_adapter(tmp_path, algo):
     from safetensors.torch import load_file
@@ -204,6 +203,7 @@ def trained_tiny_sd():
     return trained
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("trained-tiny-sd")  # one worker pre-trains it once
 def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd):
     """What makes RWR's gain learnable: deterministic samples land near the training latents
@@ -227,6 +227,7 @@ def test_the_trained_tiny_sd_samples_near_its_training_pictures(trained_tiny_sd)
 # reward from 32 to 512 samples (benchmarks/ddpo_gradient_check.py; RESULTS.md), and runs
 # drifted down at learning rates that move the adapter (1e-2, 32 samples an iteration: -0.015
 # after 40 steps). Its gain is asserted on a GPU (below), its steps on the toy further down.
+@pytest.mark.slow
 @pytest.mark.xdist_group("trained-tiny-sd")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rwr_raises_the_reward_of_a_trained_tiny_sd(tmp_path, trained_tiny_sd, seed):
@@ -248,6 +249,7 @@ def trained_tiny_sd_on_gpu():
 # On an H100 this test passed for seeds 0-2 (3 minutes in all). benchmarks/ddpo_tiny_sd_gain.py
 # there, lr 3e-2, 30 iterations: 16384 samples +0.041 (negated -0.057); 4096 and 1024 samples
 # missed for some seeds (4096, seed 0: -0.011; 1024, seed 1: negated only -0.004). RESULTS.md.
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DDPO on tiny-sd needs a GPU's sample counts")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ddpo_raises_the_reward_of_a_trained_tiny_sd_on_a_gpu(tmp_path, trained_tiny_sd_on_gpu, seed):
@@ -532,6 +534,7 @@ def test_ddpo_reports_approx_kl_and_clip_fraction_as_trl(monkeypatch):
     assert metrics["approx_kl"] > 0 and 0 < metrics["clipfrac"] < 1, metrics
 
 
+@pytest.mark.slow
 def test_record_finetune_logs_each_steps_loss_and_ddpos_diagnostics(tmp_path):
     import mlflow
 
@@ -662,6 +665,7 @@ def test_fp16_loss_scaling_leaves_the_clipped_gradients_and_update_unchanged():
     torch.testing.assert_close(scaled, plain)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_adapter_and_bf16_trains(tmp_path):
     from safetensors.torch import load_file
 
@@ -682,6 +686,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_bf16_trains(tmp_path)
         paper_config("refl", "tiny-clip", mixed_precision="fp8")
 
 
+@pytest.mark.slow
 def test_fp16_autocasts_the_unet_and_trains_with_a_saved_loss_scale(tmp_path):
     """fp16 as the papers trained: the UNet computes in half precision, the LoRA weights stay fp32,
     the loss scale is part of the training state (an exact resume)."""
@@ -705,6 +710,7 @@ def test_fp16_autocasts_the_unet_and_trains_with_a_saved_loss_scale(tmp_path):
 
 
 # --- checkpoints, resume, adapters ---------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
@@ -729,6 +735,7 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_weights(tmp_path)
     assert again.selected_wins == max(wins) and again.selected_step == steps[wins.index(max(wins))]
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_apply_lora_and_changes_the_images(tmp_path):
     store = make_store(tmp_path / "store")
     result = train(store, "refl", steps=4, checkpoint_every=2, learning_rate=5e-2, refl_lambda=10.0)
@@ -744,6 +751,7 @@ def test_adapter_loads_with_apply_lora_and_changes_the_images(tmp_path):
     assert np.abs(image() - before).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_record_finetune_logs_base_model_reward_and_steps(tmp_path):
     import mlflow
 
@@ -762,6 +770,7 @@ def test_record_finetune_logs_base_model_reward_and_steps(tmp_path):
 
 
 # --- CLI -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path, capsys):
     store = make_store(tmp_path / "store")
     base = ["--store", str(store.root), "finetune", "--model", "tiny-sd"]
@@ -783,6 +792,7 @@ def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_cli_sweeps_the_kl_coefficient_and_picks_by_the_papers_rule(tmp_path, capsys):
     from tasks.finetune import KL_COEFFICIENTS
 

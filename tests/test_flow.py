@@ -36,7 +36,15 @@ def flow_env(tmp_path, mini_release, isolated_tracking, monkeypatch):
     return {"cwd": tmp_path, "env": env}
 
 
-def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_env):
+@pytest.fixture
+def served_flow_env(flow_env, prefect_api):
+    """`flow_env` with the session's Prefect server: its flow processes start no server of their own."""
+    flow_env["env"]["PREFECT_API_URL"] = prefect_api
+    return flow_env
+
+
+@pytest.mark.prefect_server
+def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, served_flow_env):
     store_root = tmp_path / "store"
     # Scores for the mini release, in the import format.
     scratch = Store(tmp_path / "scratch")
@@ -52,14 +60,14 @@ def test_flow_ingests_imports_evaluates_and_caches(tmp_path, mini_release, flow_
                       f"image_folders: {{{folders}}}\nreward_models: [tiny-clip]\nweights: random\n"
                       "rewards: [m1, 'textnorm(m1, tau=0.5)', 'mean(m1, m2)', 'textnorm(tiny-clip, tau=0.05)']\n")
 
-    first = _run_benchmark(config, flow_env)
+    first = _run_benchmark(config, served_flow_env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "scored with tiny-clip: 24 images, 96 new rows" in first.stdout
     assert "C150 (2)" in first.stdout and "textnorm(tiny-clip, tau=0.05)" in first.stdout
     assert main_sql(store_root, "SELECT reward, count(*) FROM prompt_metrics GROUP BY 1 ORDER BY 1") == [
         ("m1", 6), ("mean(m1, m2)", 6), ("textnorm(m1, tau=0.5)", 6), ("textnorm(tiny-clip, tau=0.05)", 6)]
 
-    second = _run_benchmark(config, flow_env)
+    second = _run_benchmark(config, served_flow_env)
     assert second.returncode == 0, second.stderr[-3000:]
     task_lines = [line for line in second.stderr.splitlines() if "Task run" in line and "Finished" in line]
     # ingest, contrast, 3 image folders, score, import-scores, metrics
@@ -104,12 +112,13 @@ print(json.dumps(two_stages()))
 """
 
 
-def test_an_edit_of_a_stages_module_recomputes_that_stage_only(tmp_path, mini_release, flow_env):
+@pytest.mark.prefect_server
+def test_an_edit_of_a_stages_module_recomputes_that_stage_only(tmp_path, mini_release, served_flow_env):
     """Two flow runs of a copy of the project, tasks/contrast.py edited between them."""
     project = copy_project(tmp_path / "project")
     script = tmp_path / "two_stages.py"
     script.write_text(TWO_STAGES)
-    env = dict(flow_env["env"], PYTHONPATH=str(project))
+    env = dict(served_flow_env["env"], PYTHONPATH=str(project))
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(mini_release),
                           str(project / "tasks" / "contrast.py")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -137,6 +146,7 @@ def test_every_subcommand_has_help():
         assert out.returncode == 0 and "usage: tia2" in out.stdout and "TIA2_STORE" in out.stdout
 
 
+@pytest.mark.prefect_server  # a temporary server of its own, as `make demo` runs
 def test_the_tiny_profile_generates_and_scores(tmp_path, flow_env):
     """The README's main job, on the small constructed release: tiny-sd images scored by every
     tiny twin, summarised without labels."""

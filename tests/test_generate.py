@@ -23,6 +23,7 @@ def _made(store):
         "SELECT image_id, sha256, seed, generator, steps, guidance FROM images WHERE sha256 IS NOT NULL").fetchall())
 
 
+@pytest.mark.slow
 def test_same_images_byte_for_byte_whatever_the_batch_size(tmp_path, mini_release, tiny_sd):
     made = []
     for batch_size in (1, 3):
@@ -37,6 +38,7 @@ def test_same_images_byte_for_byte_whatever_the_batch_size(tmp_path, mini_releas
     assert generator == "tiny-sd@random-init:0" and steps == 3 and guidance == 7.5
 
 
+@pytest.mark.slow
 def test_shards_split_the_prompts_and_make_the_same_images(tmp_path, mini_release, tiny_sd):
     whole = Store(tmp_path / "whole")
     ingest_tia2(whole, str(mini_release))
@@ -59,6 +61,7 @@ def test_batch_size_from_free_memory():
     assert batch_size_for_memory(2 * gib, 3 * gib, int(3.5 * gib)) == 1  # never below one
 
 
+@pytest.mark.slow
 def test_rerun_makes_only_missing_images(tmp_path, mini_release, tiny_sd):
     store = Store(tmp_path / "s")
     ingest_tia2(store, str(mini_release))
@@ -72,6 +75,7 @@ def test_rerun_makes_only_missing_images(tmp_path, mini_release, tiny_sd):
         assert path.endswith(f"{sha}.png") and Image.open(path).size == (width, height) == (64, 64)
 
 
+@pytest.mark.slow
 def test_generated_images_are_scored(tmp_path, mini_release, capsys):
     store = Store(tmp_path / "s")
     ingest_tia2(store, str(mini_release))
@@ -96,6 +100,7 @@ def test_bad_arguments_are_clear(tmp_path, mini_release, capsys):
     assert "at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_released_pipeline_folder_loads_by_model_id_offline(tmp_path, mini_release, tiny_sd):
     """A pipeline saved in the diffusers folder layout under SD 2.1's repo id in a temporary HF
     cache is loaded by `tia2 generate --model sd-2-1` with HF_HUB_OFFLINE=1 and makes the same
@@ -121,6 +126,7 @@ def test_released_pipeline_folder_loads_by_model_id_offline(tmp_path, mini_relea
     assert all(g.startswith("sd-2-1@stabilityai/stable-diffusion-2-1@sha256:") for _, g in made)
 
 
+@pytest.mark.slow
 def test_lora_adapter_changes_the_images_and_is_recorded(tmp_path, mini_release, capsys):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -151,6 +157,7 @@ def test_lora_adapter_changes_the_images_and_is_recorded(tmp_path, mini_release,
     assert "no LoRA adapter at" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_generation_resumes_to_exactly_the_expected_images(tmp_path):
     import os
     import signal

@@ -77,6 +77,7 @@ SPEC_VALUES = {
 }
 
 
+@pytest.mark.slow
 def test_metrics_match_an_independent_implementation(tmp_path, real_store, tia2_source,
                                                      real_scores_file, capsys):
     store = copy_store(real_store, tmp_path / "store")

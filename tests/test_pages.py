@@ -259,11 +259,12 @@ print(json.dumps([log.message for log in logs]))
 
 
 @pytest.mark.slow
-def test_info_lines_reach_the_prefect_api_but_not_the_console(tmp_path):
+@pytest.mark.prefect_server
+def test_info_lines_reach_the_prefect_api_but_not_the_console(tmp_path, prefect_api):
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT), PREFECT_API_URL=prefect_api)
     done = subprocess.run([sys.executable, "-c", FLOW_THAT_LOGS], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -104,6 +104,7 @@ def test_approximate_knn_agrees_with_exact_and_never_lists_a_prompt_itself():
     assert np.array_equal(approx, knn_graph(points, 20, exact_limit=0, nprobe=16))  # deterministic
 
 
+@pytest.mark.slow
 def test_embeddings_equal_sentence_transformers_encode():
     model = load_embedder()
     texts = POOL + ["a " + "very " * 300 + "long prompt"]  # past the model's 256-token limit too

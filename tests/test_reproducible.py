@@ -40,7 +40,8 @@ def store_content(root) -> dict:
     return content
 
 
-def test_two_fresh_store_runs_are_identical(tmp_path, mini_release, isolated_tracking):
+@pytest.mark.prefect_server
+def test_two_fresh_store_runs_are_identical(tmp_path, mini_release, isolated_tracking, prefect_api):
     import os
 
     if not POOL.is_file():
@@ -57,19 +58,21 @@ def test_two_fresh_store_runs_are_identical(tmp_path, mini_release, isolated_tra
         (tmp_path / run).mkdir()
         store_root = tmp_path / run / "store"
         # the tiny profile at a smaller size: generation and scoring in two shards each (threads
-        # of one process), labelled images scored too, metrics, a ReFL fine-tune and its evaluation
+        # of one process), labelled images scored too, metrics, a ReFL fine-tune and its evaluation;
+        # 2 denoising steps for the generated and evaluated images (the profile's 10 add time, not code)
         settings = yaml.safe_load((PROJECT / "configs" / "tiny.yaml").read_text())
         settings.update(store=str(store_root), score_files=[str(tmp_path / "scores.parquet")],
                         image_folders={s: str(images / s) for s in sets}, prompt_pool=str(POOL),
-                        max_prompts=2, pool_prompts=2, generate_shards=2, score_shards=2,
+                        max_prompts=2, pool_prompts=2, generate_shards=2, score_shards=2, steps=2,
                         reward_models=["tiny-clip", "tiny-imagereward"],
                         rewards=["m1", "textnorm(tiny-clip, tau=0.05)", "mean(tiny-clip, tiny-imagereward)"])
         settings["finetune"]["settings"].update(steps=4, checkpoint_every=2)
-        settings["finetune"]["evaluate"].update(max_prompts=2)
+        settings["finetune"]["evaluate"].update(max_prompts=2, steps=2)
         config = tmp_path / f"{run}.yaml"
         config.write_text(yaml.safe_dump(settings))
         env = dict(os.environ, PREFECT_HOME=str(tmp_path / run / "prefect"), TIA2_SOURCE=str(mini_release),
-                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / run}/mlflow.db", PYTHONPATH=str(PROJECT))
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / run}/mlflow.db", PYTHONPATH=str(PROJECT),
+                   PREFECT_API_URL=prefect_api)
         done = subprocess.run([sys.executable, "-m", "cli", "benchmark", "--config", str(config)],
                               cwd=tmp_path / run, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -104,6 +104,7 @@ def test_corrupt_image_is_recorded_and_the_rest_scored(image_store, capsys):
     assert image_store.read("scores").num_rows == 15 * 4
 
 
+@pytest.mark.slow
 def test_killed_scoring_resumes_to_exactly_the_expected_rows(tmp_path, mini_release):
     release = make_release(tmp_path / "big_release", captions_per_set=4, images_per_caption=10)
     store = Store(tmp_path / "store")

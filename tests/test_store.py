@@ -80,6 +80,7 @@ def _writer(root, rounds):
         store.upsert("labels", _labels(200, offset=r * 200))
 
 
+@pytest.mark.slow
 def test_readers_never_see_a_torn_file_while_a_writer_writes(tmp_path):
     store = Store(tmp_path)
     store.upsert("labels", _labels(10))

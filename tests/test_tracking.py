@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.support.project import PROJECT
@@ -25,6 +26,7 @@ def _hold_a_run() -> tuple[subprocess.Popen, list[str]]:
     return process, process.stdout.readline().split()
 
 
+@pytest.mark.slow
 def test_runs_of_a_killed_process_are_marked_killed_and_a_live_ones_are_left_alone():
     killed, killed_runs = _hold_a_run()
     live, live_runs = _hold_a_run()

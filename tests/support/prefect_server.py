@@ -25,12 +25,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def prefect_server(root: Path, env: dict | None = None) -> Iterator[str]:
-    """A server whose state is under `root` (its log in root/server.log); yields its API URL and
-    stops it on exit. `env`: the server's environment (default: this process's)."""
+def prefect_server(root: Path) -> Iterator[str]:
+    """A server whose state is under `root` (PREFECT_HOME root/home, its log root/server.log);
+    yields its API URL and stops it on exit."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(env or os.environ, PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env = dict(os.environ, PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK="1")
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
