@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,113 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("evaluation", "adapter", "reward"),
     ),
+    # --- people's judgements (tasks/annotate.py): annotators, batches of items, answers ---------
+    # An annotator's id doubles as `labels.annotator` (from 1000 up: TIA2's own are 0-2); only a
+    # hash of the secret token of their link is kept. role: annotator or admin.
+    "annotators": TableSpec(
+        _schema(
+            ("annotator_id", pa.int32(), False),
+            ("name", pa.string(), False),
+            ("role", pa.string(), False),
+            ("token_sha256", pa.string(), False),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("annotator_id",),
+    ),
+    # A batch is one task (rating, ranking, pairwise, best-worst) over items of one prompt set;
+    # settings is its JSON (images per item, the 1-7 aspects, the instruction, where it came from).
+    # Its rankings and pairs go to preference_ranks under the batch's name as the set.
+    "annotation_batches": TableSpec(
+        _schema(
+            ("batch", pa.string(), False),
+            ("task", pa.string(), False),
+            ("set", pa.string(), False),
+            ("per_item", pa.int32(), False),  # annotators per item
+            ("seed", pa.int64(), False),
+            ("settings", pa.string(), False),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("batch",),
+    ),
+    # The images shown together (one image for rating), in the batch's seeded order.
+    "annotation_items": TableSpec(
+        _schema(
+            ("batch", pa.string(), False),
+            ("item", pa.string(), False),
+            ("position", pa.int32(), False),
+            ("prompt_id", pa.string(), False),
+            ("image_ids", pa.list_(pa.string()), False),
+        ),
+        key=("batch", "item"),
+    ),
+    # Who sees which item, where in their queue, and in which order its images are shown (the
+    # pairwise sides).
+    "annotation_assignments": TableSpec(
+        _schema(
+            ("batch", pa.string(), False),
+            ("item", pa.string(), False),
+            ("annotator_id", pa.int32(), False),
+            ("queue_position", pa.int32(), False),
+            ("shown", pa.list_(pa.string()), False),
+        ),
+        key=("batch", "item", "annotator_id"),
+    ),
+    # One answer per (item, annotator): the latest; `answer` is its canonical JSON over image ids
+    # (tia2/annotation.py), `settings` the batch's settings it was given under.
+    "annotations": TableSpec(
+        _schema(
+            ("batch", pa.string(), False),
+            ("item", pa.string(), False),
+            ("annotator_id", pa.int32(), False),
+            ("task", pa.string(), False),
+            ("shown", pa.list_(pa.string()), False),
+            ("answer", pa.string(), False),
+            ("settings", pa.string(), False),
+            ("source", pa.string(), False),  # app, label-studio, ...
+            ("answered_at", TIMESTAMP, False),
+        ),
+        key=("batch", "item", "annotator_id"),
+    ),
+    # Every change of an answer: answer (first), change (replaced `previous`), undo (removed it).
+    "annotation_log": TableSpec(
+        _schema(
+            ("change_id", pa.string(), False),
+            ("batch", pa.string(), False),
+            ("item", pa.string(), False),
+            ("annotator_id", pa.int32(), False),
+            ("action", pa.string(), False),
+            ("answer", pa.string(), True),
+            ("previous", pa.string(), True),
+            ("at", TIMESTAMP, False),
+        ),
+        key=("change_id",),
+    ),
+    # ImageReward's optional 1-7 ratings of an image: alignment, fidelity, harmlessness.
+    "image_ratings": TableSpec(
+        _schema(
+            ("image_id", pa.string(), False),
+            ("annotator", pa.int32(), False),
+            ("aspect", pa.string(), False),
+            ("value", pa.int8(), False),
+        ),
+        key=("image_id", "annotator", "aspect"),
+    ),
+    # Agreement of people with each other and of reward models with people, per batch or set
+    # (tasks/annotate.py; ImageReward Table 2a), with a bootstrap interval over items.
+    "annotation_agreement": TableSpec(
+        _schema(
+            ("scope", pa.string(), False),      # the batch, or the labelled set
+            ("measure", pa.string(), False),
+            ("subject", pa.string(), False),    # an annotator, a reward spec, or "all"
+            ("other", pa.string(), False),      # the annotator compared with, "majority", or ""
+            ("value", pa.float64(), True),
+            ("low", pa.float64(), True),
+            ("high", pa.float64(), True),
+            ("n", pa.int32(), False),           # the items or pairs behind the value
+            ("run_id", pa.string(), True),
+        ),
+        key=("scope", "measure", "subject", "other"),
+    ),
 }
 
 # The TIA2 protocol's labels of each labelled image (DESIGN.md): binary z = 1 iff at least two
@@ -381,13 +489,14 @@ class Store:
         return sorted((self.root / table).glob("*.parquet"))
 
     # --- reading -------------------------------------------------------------------------
-    def connect(self) -> duckdb.DuckDBPyConnection:
+    def connect(self, *tables: str) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with one view per table and `image_labels` (holds no
-        file lock)."""
+        file lock); with `tables`, views of those only (quicker: each view reads its files' schema)."""
         con = duckdb.connect()
-        for name in TABLES:
+        for name in tables or TABLES:
             con.execute(self._view_sql(name))
-        con.execute(IMAGE_LABELS_VIEW)
+        if not tables or "labels" in tables:
+            con.execute(IMAGE_LABELS_VIEW)
         return con
 
     def _view_sql(self, table: str) -> str:
@@ -500,19 +609,26 @@ class Store:
         """
         return self.upsert_together({table: rows}, keep_stored=() if replace else (table,))[table]
 
-    def upsert_together(self, tables: dict[str, pa.Table], *, keep_stored: tuple[str, ...] = ()) -> dict[str, int]:
+    def upsert_together(self, tables: dict[str, pa.Table], *, keep_stored: tuple[str, ...] = (),
+                        remove: dict[str, pa.Table] | None = None) -> dict[str, int]:
         """`upsert` into several small tables as one change: every new file is written (under all
         their locks, taken in name order) before any stored file is replaced, so a failure (a
         repeated key, a full disk) leaves every table as it was. In the tables of `keep_stored` a
-        stored row wins over a new one of its key. Returns the new keys per table."""
+        stored row wins over a new one of its key. `remove` names, per table, keys (a table of the
+        key columns) whose stored rows go, before the new rows are added. Returns the new keys per
+        table."""
+        remove = remove or {}
         conformed = {table: self.conform(table, rows) for table, rows in tables.items()}
+        for table in remove:
+            conformed.setdefault(table, TABLES[table].schema.empty_table())
         added, staged = {}, []  # (temporary file, the table file it replaces)
         with contextlib.ExitStack() as held:
             for table in sorted(conformed):
                 held.enter_context(self.lock(table))
             try:
                 for table, rows in conformed.items():
-                    merged, added[table] = self._merged(table, rows, replace=table not in keep_stored)
+                    merged, added[table] = self._merged(table, rows, replace=table not in keep_stored,
+                                                        remove=remove.get(table))
                     if merged is not None:
                         staged.append((self._stage_file(self._file(table), merged), self._file(table)))
             except BaseException:
@@ -523,16 +639,25 @@ class Store:
                 os.replace(tmp, path)
         return added
 
-    def _merged(self, table: str, rows: pa.Table, replace: bool) -> tuple[pa.Table | None, int]:
-        """The table with `rows` upserted (None when nothing changes) and how many keys are new."""
+    def _merged(self, table: str, rows: pa.Table, replace: bool,
+                remove: pa.Table | None = None) -> tuple[pa.Table | None, int]:
+        """The table with the keys of `remove` deleted and `rows` upserted (None when nothing
+        changes) and how many keys are new."""
         spec = TABLES[table]
         assert not spec.append_only, f"{table} is append-only: use append_missing"
         key = ", ".join(f'"{k}"' for k in spec.key)
-        with duckdb.connect() as con:
+        with _scratch() as con:
             con.register("new_rows", rows)
             if con.execute(f"SELECT count(*) - count(DISTINCT ({key})) FROM new_rows").fetchall()[0][0]:
                 raise ValueError(f"table {table!r}: the new rows repeat a key ({key})")
-            con.register("old_rows", pq.read_table(self._file(table), schema=spec.schema))
+            old_rows = pq.read_table(self._file(table), schema=spec.schema)
+            removed = 0
+            if remove is not None and remove.num_rows:
+                con.register("stored", old_rows)
+                con.register("removed_keys", remove.select(list(spec.key)))
+                kept = con.sql(f"SELECT * FROM stored ANTI JOIN removed_keys USING ({key})").to_arrow_table()
+                removed, old_rows = old_rows.num_rows - kept.num_rows, kept.select(spec.schema.names).cast(spec.schema)
+            con.register("old_rows", old_rows)
             if not replace:
                 rows = con.sql(f"SELECT * FROM new_rows ANTI JOIN old_rows USING ({key})").to_arrow_table()
                 con.register("new_rows", rows)
@@ -542,7 +667,7 @@ class Store:
             changed = con.execute(
                 "SELECT count(*) FROM (SELECT * FROM new_rows EXCEPT SELECT * FROM old_rows)"
             ).fetchall()[0][0]
-            if not changed:
+            if not changed and not removed:
                 return None, 0
             merged = con.sql(
                 f"SELECT * FROM old_rows ANTI JOIN new_rows USING ({key}) "
@@ -674,6 +799,24 @@ _DUCKDB_TYPES = {
     pa.int8(): "TINYINT",
     TIMESTAMP: "TIMESTAMPTZ",
 }
+
+
+_scratch_connections = threading.local()
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """This thread's in-memory DuckDB connection for merging rows, with the tables registered on
+    it dropped afterwards. Opening a connection costs tens of milliseconds, more than a small
+    merge: an annotation app's every answer merges."""
+    con = getattr(_scratch_connections, "con", None)
+    if con is None:
+        con = _scratch_connections.con = duckdb.connect()
+    try:
+        yield con
+    finally:
+        for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND temporary").fetchall():
+            con.unregister(name)
 
 
 def _statement_name(statement) -> str:
