@@ -161,7 +161,8 @@ def evaluate_arguments(p) -> None:
     p.add_argument("--weights", default=defaults["weights"], metavar="random|pretrained|FOLDER",
                    help=f"the base generator's weights (default {defaults['weights']})")
     p.add_argument("--gold", required=True, metavar=f"SPEC|{HUMAN}",
-                   help="the gold reward of the over-optimisation curves")
+                   help=f"the gold reward of the over-optimisation curves; {HUMAN}: people (the images' labels, "
+                        f"else a pairwise annotation batch of base vs adapter images)")
     p.add_argument("--proxy", metavar="SPEC", help="the optimised reward (default: the adapters' training reward)")
     p.add_argument("--reward", action="append", metavar="SPEC", help="another reward spec to compare with (repeatable)")
     p.add_argument("--set", action="append", metavar="NAME",
@@ -196,6 +197,10 @@ def run_evaluate(args) -> int:
           f"{args.images_per_prompt} images ({result.images_made} images made, {result.rows_scored} score rows added)")
     print("wins/ties/losses of the matched pairs (same prompt and seed) against the base model:")
     print(wins_table(result.win_tie_loss).to_string())
+    if result.human:
+        from tasks.human_evaluation import describe
+
+        print(describe(result.human))
     print(f"\nproxy {result.proxy}, gold {result.gold}: means over fine-tuning steps (step 0: the base model)")
     print(result.steps_curve.drop(columns=["run"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("best-of-n of the base model's images by the proxy")
@@ -210,13 +215,19 @@ EVALUATE = Command("evaluate", "evaluate fine-tuned adapters against their base 
     The base and every adapter make --images-per-prompt images per prompt from the same seeds,
     so image i of an adapter and image i of the base are a matched pair; every image is scored
     by the proxy (default: the reward the adapters were trained on), the reward models it
-    combines, the gold (--gold: a reward spec, or `human` for images with human labels) and any
-    --reward. Images and scores are cached in the store: a re-run makes only what is missing.
+    combines, the gold (--gold: a reward spec, or `human`, below) and any --reward. Images and
+    scores are cached in the store: a re-run makes only what is missing.
     Per reward spec and adapter, the pairs won (adapter above base + --tol), tied and lost go to
     the finetune_evaluation table. Over-optimisation (Gao et al. 2023): the proxy's and the
     gold's means over training steps, and over best-of-n of the base model's images against
     sqrt(KL), KL = log n - (n - 1)/n. MLflow gets the tables, the plots and image grids (a row
-    per prompt, a column per model). TextNorm specs need contrast prompts (tia2 contrast).""",
+    per prompt, a column per model). TextNorm specs need contrast prompts (tia2 contrast).
+    --gold human: the graded labels where every evaluated image has labels; else a pairwise
+    annotation batch eval-<evaluation> (each adapter's image against the base image of the
+    same prompt and seed, 3 annotators each; `tia2 annotate serve`). Run the evaluation again
+    once people answered: the images are reused, and the "human" row per adapter counts the
+    answered pairs (each pair's majority choice; equal votes are a tie), its gold over the
+    steps being the adapter's win share against the base (a tie one half; the base 0.5).""",
     evaluate_arguments, run_evaluate)
 
 COMMANDS = (FINETUNE, EVALUATE)

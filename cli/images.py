@@ -12,7 +12,7 @@ def score_arguments(p) -> None:
     from tasks.score import record_score
     from tia2.models import list_models
 
-    p.description += ", ".join(list_models())
+    p.description += ", ".join(list_models()) + "; and those trained into the store (tia2 train-reward)"
     defaults = defaults_of(record_score)
     p.add_argument("--reward-model", required=True, metavar="NAME")
     p.add_argument("--set", action="append", metavar="NAME", help="only this set (repeatable)")

@@ -9,12 +9,12 @@ import os
 import sys
 import textwrap
 
-from cli import annotate, benchmark, data, finetuning, images, metrics, preferences, sql
+from cli import annotate, benchmark, data, finetuning, images, metrics, preferences, sql, train_reward
 from cli.command import CommandLineError, CommandParser, Parser
 from tia2.errors import UserError
 
 COMMANDS = (*data.COMMANDS, *images.COMMANDS, *metrics.COMMANDS, *preferences.COMMANDS, *sql.COMMANDS,
-            *finetuning.COMMANDS, *annotate.COMMANDS, *benchmark.COMMANDS)
+            *finetuning.COMMANDS, *train_reward.COMMANDS, *annotate.COMMANDS, *benchmark.COMMANDS)
 
 EPILOG = """\
 environment:

@@ -1,5 +1,6 @@
 """The commands of the human-preference benchmarks: ingest-preferences, preference-metrics,
-rank-generators (tasks/preferences.py, tasks/generator_ranking.py)."""
+rank-generators, generator-pairs (tasks/preferences.py, tasks/generator_ranking.py,
+tasks/human_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -49,12 +50,14 @@ INGEST_PREFERENCES = Command("ingest-preferences", "read human rankings or pairs
 
 
 def preference_metrics_arguments(p) -> None:
-    from tasks.preferences import CONSENSUS, record_preference_metrics
+    from tasks.preferences import CONSENSUS, MEAN_RANKS, record_preference_metrics
 
     p.add_argument("--reward", action="append", required=True, metavar="SPEC", help="a reward spec (repeatable)")
     p.add_argument("--set", action="append", metavar="NAME", help="only this preference set (repeatable; default: all)")
     p.add_argument("--annotator", default=CONSENSUS,
-                   help=f"whose rankings (default {CONSENSUS}: the file's combined ranking)")
+                   help=f"whose rankings (default {CONSENSUS}: the file's combined ranking); an annotator's name; "
+                        f"{MEAN_RANKS}: each image's mean rank over its item's annotators (an annotation batch's "
+                        f"answers; for a pair with three annotators and no tie, the majority's choice)")
     p.add_argument("--bootstrap", type=count, default=defaults_of(record_preference_metrics)["resamples"],
                    metavar="N", help="bootstrap resamples over items for the intervals (default %(default)s)")
     p.add_argument("--out", metavar="FILE.csv", help="write one row per item and reward to this CSV")
@@ -106,8 +109,10 @@ def rank_generators_arguments(p) -> None:
     p.add_argument("--set", action="append", metavar="NAME",
                    help="only prompts of this set for the generated images (repeatable; default: all)")
     p.add_argument("--best-of", type=count, metavar="N", help="also the best of each prompt's first N images")
-    p.add_argument("--human", metavar="FILE",
-                   help="a human ranking (CSV/JSON: generator, rank with 1 best, or generator, wins): Spearman's rho")
+    p.add_argument("--human", metavar="FILE|batch:NAME",
+                   help="a human ranking (CSV/JSON: generator, rank with 1 best, or generator, wins), or batch:NAME, "
+                        "people's answers of a pairwise annotation batch (tia2 generator-pairs): each generator's "
+                        "share of its comparisons won, a tie one half; Spearman's rho with each reward's ranking")
 
 
 def run_rank_generators(args) -> int:
@@ -126,8 +131,51 @@ RANK_GENERATORS = Command("rank-generators", "rank generators by reward (ImageRe
     Per generator and prompt the mean reward of its images (and with --best-of N the best of
     the first N), then the mean over prompts and the rank (1 is best), as ImageReward's
     test-benchmark.py. Prompts are matched by text; only those every generator has count.
-    With --human, Spearman's rho of each reward's ranking with people's. Stored in
+    With --human, Spearman's rho of each reward's ranking with people's: a file, or
+    batch:NAME, the answers of a pairwise batch of the generators' images (`tia2
+    generator-pairs`; every answer counts, as ImageReward aggregates all annotators'). Stored in
     generator_rankings; MLflow gets the tables and the box plot of ImageReward's Figure 3.""",
     rank_generators_arguments, run_rank_generators)
 
-COMMANDS = (INGEST_PREFERENCES, PREFERENCE_METRICS, RANK_GENERATORS)
+
+def generator_pairs_arguments(p) -> None:
+    from tasks.human_evaluation import generator_pairs_batch
+
+    defaults = defaults_of(generator_pairs_batch)
+    p.add_argument("--generator", action="append", required=True, metavar="G",
+                   help="NAME, NAME+ADAPTER or set:SET, as for rank-generators (repeatable, at least two)")
+    p.add_argument("--set", action="append", metavar="NAME",
+                   help="only prompts of this set for the generated images (repeatable; default: all)")
+    p.add_argument("--images-per-prompt", type=count, metavar="K",
+                   help="pair each prompt's first K images of each generator (default: as many as all have)")
+    p.add_argument("--per-item", type=count, default=defaults["per_item"], metavar="N",
+                   help="annotators per pair (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults["seed"],
+                   help="seed of the pair order, the assignment and the sides shown (default %(default)s)")
+    p.add_argument("--name", metavar="BATCH", help="the batch's name (default generators-<hash of the choice>)")
+
+
+def run_generator_pairs(args) -> int:
+    from tasks.generator_ranking import GeneratorChoice
+    from tasks.human_evaluation import HUMAN_BATCH, generator_pairs_batch
+
+    choices = [GeneratorChoice.parse(g) for g in args.generator]
+    batch = generator_pairs_batch(open_store(args, create=False), choices, args.set,
+                                  images_per_prompt=args.images_per_prompt, per_item=args.per_item, seed=args.seed,
+                                  name=args.name)
+    print(f"batch {batch.batch!r}: {batch.items} pairs of {', '.join(c.label for c in choices)} "
+          f"({batch.new_items} new), {batch.per_item} annotators each")
+    print(f"serve it with `tia2 annotate serve`; then `tia2 rank-generators "
+          + " ".join(f"--generator {c.label}" for c in choices) + f" --reward SPEC --human {HUMAN_BATCH}{batch.batch}`")
+    return 0
+
+
+GENERATOR_PAIRS = Command("generator-pairs", "make a pairwise annotation batch of generators' images", """    For people to compare generators (ImageReward's human evaluation, Table 1): of every prompt
+    all the generators have (matched by text), each generator's k-th image with a file (by
+    ordinal: generated images of the same seed) against each other generator's k-th image,
+    one pairwise item per two generators, --per-item annotators each. Idempotent: the same
+    choice again adds only images not yet in the batch. Serve it with `tia2 annotate serve`;
+    `tia2 rank-generators --human batch:NAME` then ranks by people's answers.""",
+    generator_pairs_arguments, run_generator_pairs)
+
+COMMANDS = (INGEST_PREFERENCES, PREFERENCE_METRICS, RANK_GENERATORS, GENERATOR_PAIRS)

@@ -18,7 +18,7 @@ def sql_arguments(p) -> None:
     from tia2.store import TABLES
 
     p.description += "\n".join(textwrap.fill(", ".join(spec.schema.names), width=100,
-                                             initial_indent=f"  {name:<22}", subsequent_indent=" " * 24)
+                                             initial_indent=f"  {name:<24}", subsequent_indent=" " * 26)
                                for name, spec in TABLES.items())
     p.add_argument("query", metavar="QUERY")
     fmt = p.add_mutually_exclusive_group()

@@ -13,7 +13,7 @@ from types import CodeType, ModuleType
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("tia2", "tasks", "flows", "cli")  # pyproject.toml's packages (its packages.find include)
+PROJECT_PACKAGES = ("tia2", "tasks", "flows", "cli", "app")  # pyproject.toml's packages (its packages.find include)
 
 
 @dataclass

@@ -80,12 +80,12 @@ def run_finetune(store: Store, section: dict, device: str, parent_run_id: str) -
     """Every configured algorithm, one after the other (they share the GPU), each followed by the
     evaluation of its checkpoints when the section has one; each logged in a line a stage."""
     logger = get_run_logger()
-    prompts_key = store.fingerprint("prompts", "contrast_prompts")
+    prompts_key = store.fingerprint("prompts", "contrast_prompts", "reward_model_cards")  # cards: trained rewards
     reports = []
     for algo in section["algos"]:
         report = finetune_task(str(store.root), algo, section, device, prompts_key, parent_run_id)
         if section["evaluate"]:
-            store_key = store.fingerprint("prompts", "contrast_prompts", "finetune_checkpoints")
+            store_key = store.fingerprint("prompts", "contrast_prompts", "finetune_checkpoints", "reward_model_cards")
             report["evaluation"] = evaluate_task(str(store.root), report["run"], section, device, store_key,
                                                  parent_run_id)
         for stage, result in finetune_rows(report):

@@ -1,6 +1,8 @@
 """The `tia2-rescore` flow, scheduled nightly by prefect.yaml: score the (image, text, reward
 model) rows still missing — new images, new contrast prompts, a reward model added to the
-config — refresh the metrics, and post a Prefect table artifact of what changed.
+config — refresh the metrics (recomputed when labels arrived too: people's answers in the
+annotation app write labels; with the config's `annotate` section the metrics also cover the
+sets people labelled), and post a Prefect table artifact of what changed.
 
 It reuses the benchmark flow's scoring and metrics tasks, so a model whose inputs did not change
 is a cache hit, and scoring itself only ever computes missing rows.
@@ -12,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import deployment, flow_run
 
-from flows.tia2_benchmark import metrics_task, score_all
+from flows.tia2_benchmark import metrics_sets, metrics_task, score_all
 from tia2.config import DEFAULT_PROFILE, BenchmarkConfig, merged_config
 from tia2.specs import parse_spec
 from tia2.store import Store
@@ -51,7 +53,7 @@ def tia2_rescore(config: str = DEFAULT_PROFILE, overrides: dict | None = None) -
                     "rows_recomputed": superseded.get(model, 0)} for model, n in sorted(after.items())]
         if rewards:
             store_key = store.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
-            metrics_task(root, tuple(rewards), run_config.sets, store_key, parent_id)
+            metrics_task(root, tuple(rewards), metrics_sets(store, run_config), store_key, parent_id)
     create_table_artifact(key="tia2-rescore", table=changed,
                           description=f"score rows per reward model before and after (MLflow run {parent_id})")
     return {"changed": changed, "mlflow_run_id": parent_id}

@@ -1,6 +1,7 @@
 """The `tia2-benchmark` flow: TIA2 ingest → prompts selected from a pool → contrast prompts for
-prompts without any → image generation and image files → scoring with reward models → score
-import → metrics of reward specs → HTML report (MLflow, linked from a Prefect artifact).
+prompts without any → image generation and image files → annotation batches of the new images
+for people (when the config has `annotate`) → scoring with reward models → score import →
+metrics of reward specs → HTML report (MLflow, linked from a Prefect artifact).
 
 Each stage is a thin Prefect task over a function in `tasks/`. A task's cache key is its inputs,
 the code it runs (`StageCode`, flows/common.py) and the state of the store it reads (the store's
@@ -24,6 +25,7 @@ from flows.common import CACHED
 from flows.finetune import run_finetune
 from tasks.contrast import record_contrast
 from tasks.generate import record_generate
+from tasks.human_evaluation import benchmark_batches, people_labelled_sets
 from tasks.ingest import import_images, ingest_tia2
 from tasks.metrics import caption_ranking, format_table2, record_metrics
 from tasks.prompts import record_select_from_pool
@@ -96,6 +98,21 @@ def import_images_task(store_root: str, set_name: str, folder: str, folder_key: 
     return import_images(Store(store_root), set_name, folder)
 
 
+@task(name="annotate", cache_policy=CACHED, persist_result=True)
+def annotate_task(store_root: str, tasks: tuple[str, ...], sets: tuple[str, ...], per_item: int, seed: int,
+                  aspects: bool, images_key: str) -> list[dict]:
+    """Annotation batches of the sets' images that people have not judged (keyed on the images:
+    the same images give the same batches)."""
+    return benchmark_batches(Store(store_root), list(tasks), list(sets), per_item=per_item, seed=seed, aspects=aspects)
+
+
+def metrics_sets(store: Store, config: BenchmarkConfig) -> tuple[str, ...]:
+    """The sets the metrics cover: the config's TIA2 sets and, where the config has people
+    annotate (`annotate`), the sets they labelled."""
+    labelled = people_labelled_sets(store) if config.annotate is not None else []
+    return tuple(dict.fromkeys((*config.sets, *labelled)))
+
+
 @task(name="score", cache_policy=CACHED, persist_result=True, tags=["gpu"])
 def score_task(store_root: str, reward_model: str, weights: str, device: str, batch_size: int,
                store_key: str, parent_run_id: str, shard: tuple[int, int] = (0, 1)) -> dict:
@@ -109,8 +126,9 @@ def score_all(store: Store, reward_model: str, weights: str, device: str, batch_
               parent_run_id: str) -> dict:
     """One score task per shard of the images (side by side under a task runner with several
     workers, e.g. a Dask cluster), summed into one report."""
-    # Scoring reads what is to be scored; the rows it adds must not change its own key.
-    store_key = store.fingerprint("prompts", "contrast_prompts", "images")
+    # Scoring reads what is to be scored, and the weights of models trained into the store (their
+    # cards change with them); the rows it adds must not change its own key.
+    store_key = store.fingerprint("prompts", "contrast_prompts", "images", "reward_model_cards")
     reports = [f.result() for f in score_task.map(
         str(store.root), reward_model, weights, device, batch_size, store_key, parent_run_id,
         [(i, shards) for i in range(shards)])]
@@ -198,6 +216,14 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
             registered.append(import_images_task(str(data.root), set_name, str(Path(folder).resolve()),
                                                  _folder_key(folder), data.store_id))
             logger.info("images %s: %s", set_name, registered[-1])
+        annotation = None
+        if config.annotate is not None:
+            made_sets = (*(prompt_sets if config.generator else ()), *config.image_folders)
+            section = config.annotate
+            annotation = annotate_task(str(data.root), tuple(section["tasks"]), tuple(dict.fromkeys(made_sets)),
+                                       section["per_item"], section["seed"], section["aspects"],
+                                       data.fingerprint("images"))
+            logger.info("annotate: %s", annotation)
         summary_scores = []
         for name in config.reward_models:
             summary_scores.append(score_all(data, name, config.weights, config.device, config.batch_size,
@@ -209,14 +235,15 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
                                                                       _file_key(file), data.store_id)})
             logger.info("import %s: %s", file, imported[-1])
         summary = {"ingest": ingest, "selected": selected, "contrast": contrast, "generated": generated,
-                   "image_folders": registered, "scores": summary_scores, "score_imports": imported,
+                   "image_folders": registered, "annotation": annotation, "scores": summary_scores,
+                   "score_imports": imported,
                    "caption_ranking": None, "mlflow_run_id": parent_id, "table2": None, "set_means": None}
         ranking = caption_ranking(data, list(config.reward_models)) if config.reward_models else None
         if ranking is not None:
             summary["caption_ranking"] = ranking.to_string(index=False)
         if specs:
             store_key = data.fingerprint("prompts", "contrast_prompts", "images", "labels", "scores")
-            means = metrics_task(str(data.root), tuple(specs), sets, store_key, parent_id)
+            means = metrics_task(str(data.root), tuple(specs), metrics_sets(data, config), store_key, parent_id)
             summary["table2"] = format_table2(means)
             summary["set_means"] = means.to_dict("records")
         # also without metrics: the artifact says why there are none

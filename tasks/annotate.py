@@ -172,14 +172,17 @@ def create_batch(store: Store, task: str, set_name: str, *, per_item: int = 3, s
         if old != (task, set_name, per_item, seed, settings):
             raise UserError(f"batch {name!r} exists with other settings (task {old[0]}, set {old[1]}, {old[2]} per item, "
                             f"seed {old[3]}, {old[4]}): give another --name")
-    if items is None:
+    given = items is not None
+    if not given:
         items = make_items(task, _set_images(store, set_name), images_per_item)
     if not items:
         raise UserError(f"set {set_name!r} has no prompt with enough images for a {task} item "
                         f"(at least {images_per_item if task != 'best-worst' else 3})")
     stored_items = _frame(store, "annotation_items")
     stored_items = stored_items[stored_items["batch"] == name]
-    taken = {i for ids in stored_items["image_ids"] for i in ids}
+    # A set's images already in the batch are not grouped again; items given (the pairs of an
+    # evaluation, say) are new unless stored.
+    taken = set() if given else {i for ids in stored_items["image_ids"] for i in ids}
     new = [it for it in batch_order(items, seed, name) if it.item not in set(stored_items["item"])
            and not taken & set(it.image_ids)]
     start = len(stored_items)
@@ -245,13 +248,28 @@ class ItemView:
 
 
 def annotator_batches(store: Store, annotator_id: int) -> list[dict]:
-    """Each batch with items for this annotator: batch, task, set, done, total."""
-    with store.connect("annotation_assignments", "annotation_batches", "annotations") as con:
-        return con.execute("""
-            SELECT b.batch, b.task, b.set, count(n.item)::INTEGER AS done, count(*)::INTEGER AS total
-            FROM annotation_assignments a JOIN annotation_batches b USING (batch)
-            LEFT JOIN annotations n ON n.batch = a.batch AND n.item = a.item AND n.annotator_id = a.annotator_id
-            WHERE a.annotator_id = ? GROUP BY ALL ORDER BY b.batch""", [annotator_id]).df().to_dict("records")
+    """Each batch with items for this annotator: batch, task, set, done, total (from the cached
+    tables: the app asks at every answer)."""
+    mine = _frame(store, "annotation_assignments")
+    mine = mine[mine["annotator_id"] == annotator_id]
+    answers = _frame(store, "annotations")
+    answers = answers[answers["annotator_id"] == annotator_id]
+    done = answers.groupby("batch").size()
+    total = mine.groupby("batch").size()
+    batches = _frame(store, "annotation_batches").set_index("batch")
+    return [{"batch": b, "task": batches.at[b, "task"], "set": batches.at[b, "set"], "done": int(done.get(b, 0)),
+             "total": int(n)} for b, n in sorted(total.items())]
+
+
+def may_see_image(store: Store, annotator_id: int, image_id: str) -> bool:
+    """Whether the image is shown in one of the annotator's items."""
+    return image_id in _visible_images(store, annotator_id, store.fingerprint("annotation_assignments"))
+
+
+@functools.lru_cache(maxsize=256)
+def _visible_images(store: Store, annotator_id: int, fingerprint: str) -> frozenset[str]:
+    mine = _frame(store, "annotation_assignments")
+    return frozenset(i for shown in mine[mine["annotator_id"] == annotator_id]["shown"] for i in shown)
 
 
 def next_items(store: Store, batch: str, annotator_id: int, count: int = 2) -> list[ItemView]:
@@ -300,11 +318,17 @@ def progress(store: Store) -> pd.DataFrame:
 
 def image_file(store: Store, image_id: str) -> Path:
     """The file of a registered image (only the images table names files: a URL never does)."""
-    with store.connect("images") as con:
-        row = con.execute("SELECT path FROM images WHERE image_id = ?", [image_id]).fetchone()
-    if row is None or row[0] is None or not Path(row[0]).is_file():
+    path = _image_paths(store, store.fingerprint("images")).get(image_id)
+    if path is None or not Path(path).is_file():
         raise UserError(f"no image file for {image_id!r}")
-    return Path(row[0])
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _image_paths(store: Store, fingerprint: str) -> dict[str, str]:
+    images = _frame(store, "images")
+    images = images[images["path"].notna()]
+    return dict(zip(images["image_id"], images["path"]))
 
 
 # --- writing answers -------------------------------------------------------------------------------

@@ -9,9 +9,16 @@ and scores are cached in the store: a re-run makes and scores only what is missi
 Per reward spec and adapter, the pairs the adapter's image wins (value above the base image's by
 more than `tol`), ties and loses, with both means, go to `finetune_evaluation` (TextNorm paper §5.1
 counts wins against the base model). Over-optimisation, after Gao et al. 2023: the proxy reward
-(the spec the adapters were trained on) and a gold reward (another spec, or the human labels of
-the images where they have them) over training steps, and over best-of-n's n on the base model's
-images, plotted against sqrt(KL) with best-of-n's analytic KL = log n - (n - 1)/n.
+(the spec the adapters were trained on) and a gold reward (another spec, or people) over training
+steps, and over best-of-n's n on the base model's images, plotted against sqrt(KL) with
+best-of-n's analytic KL = log n - (n - 1)/n.
+
+The gold "human" is people's judgement: the labels' graded value of each image where every
+evaluated image has labels (the TIA2 protocol's), else a pairwise annotation batch of the base
+image against each adapter's image of the same prompt and seed (TextNorm §5.4,
+tasks/human_evaluation.py). Its answered pairs give the "human" rows (the majority verdict per
+pair; n = the answered pairs) and the gold of the steps curve: the adapter's win share against the
+base, a tie one half (0.5 at step 0, the base against itself); the best-of-n curve has no such gold.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tasks.human_evaluation import HumanEvaluation, describe, evaluation_verdicts
 from tasks.rewards import RewardEvaluator
 from tia2.errors import UserError
 from tia2.models.diffusion import ADAPTER_FILE
@@ -62,6 +70,7 @@ class FinetuneEvaluation:
     best_of_n_curve: pd.DataFrame      # proxy and gold means of the base model's best-of-n picks
     images_made: int
     rows_scored: int
+    human: HumanEvaluation | None = None  # the pairwise batch of the gold "human", where it is one
 
 
 def best_of_n_kl(n: int) -> float:
@@ -248,26 +257,34 @@ def _score(store: Store, names: list[str], sets: list[str], weights: str, device
 
     versions, added = {}, 0
     for name in names:
-        model = create_reward_model(name, weights=weights, device=device)
+        model = create_reward_model(name, weights=weights, device=device, store=store)
         versions[name] = model.version
         added += score_images(store, model, sets, batch_size).rows_added
         del model
     return versions, added
 
 
-def _human_values(store: Store, frame: pd.DataFrame) -> np.ndarray:
-    """Each image's graded human label (the store's `image_labels`: the TIA2 protocol's); an
-    error when some image has none."""
+def _graded_labels(store: Store, frame: pd.DataFrame) -> np.ndarray | None:
+    """Each image's graded human label (the store's `image_labels`: the TIA2 protocol's); None
+    when some image has none."""
     con = store.connect()
     con.register("frame", frame.reset_index()[["row", "image_id"]])
     graded = con.execute(
         "SELECT l.graded FROM frame f LEFT JOIN image_labels l USING (image_id) ORDER BY f.row").df()
     values = graded.iloc[:, 0].to_numpy(dtype=float)
-    unlabelled = int(np.isnan(values).sum())
-    if unlabelled:
-        raise UserError(f"gold {HUMAN!r}: {unlabelled} of {len(values)} evaluated images have no human labels "
-                        f"(table labels); freshly generated images have none: give a reward spec as the gold")
-    return values
+    return None if np.isnan(values).any() else values
+
+
+def _people_verdicts(store: Store, frame: pd.DataFrame, key: str, seed: int) -> tuple[np.ndarray, HumanEvaluation]:
+    """The evaluation's pairwise batch (made once: the base image against each adapter's image
+    of the same prompt and seed) and, per image, people's verdict on its pair from the adapter's
+    side: 1 won, 0.5 tie, 0 lost; NaN for the base's images and for pairs nobody answered."""
+    base = frame[frame["variant"] == BASE]
+    adapters = frame[frame["variant"] != BASE]
+    bases = np.tile(base["image_id"].to_numpy(), len(adapters) // len(base))  # the matched pair of each row
+    verdicts, status = evaluation_verdicts(store, key, list(zip(adapters["prompt_id"], bases, adapters["image_id"])),
+                                           sorted(set(frame["set"])), seed)
+    return frame["image_id"].map(verdicts).where(frame["variant"] != BASE).to_numpy(dtype=float), status
 
 
 # --- the evaluation ----------------------------------------------------------------------------
@@ -299,7 +316,7 @@ def evaluate_finetune(store: Store, model: str, gold: str, run: str | None = Non
     _check_contrast_prompts(store, model_specs, prompts)
     names = sorted({m.name for s in model_specs for m in s.models()})
     for name in names:
-        model_config(name)  # an unknown name fails here, before any image is made
+        model_config(name, store)  # an unknown name fails here, before any image is made
     generator = create_pipeline(model, weights=weights, device=device)
     identity = f"{generator.name}@{generator.identity}"
     for a in resolved:
@@ -307,7 +324,6 @@ def evaluate_finetune(store: Store, model: str, gold: str, run: str | None = Non
             raise UserError(f"{a.path} was trained on {a.training['generator']}, not on {identity} "
                             f"(give its --model and --weights)")
     frame = _image_frame(generator, resolved, prompts, images_per_prompt, denoise_steps, guidance, seed)
-    human = _human_values(store, frame) if HUMAN in specs else None
     made = _make_images(store, generator, resolved, frame, images_per_prompt, denoise_steps, guidance, seed,
                         batch_size)
     del generator
@@ -319,15 +335,22 @@ def evaluate_finetune(store: Store, model: str, gold: str, run: str | None = Non
     evaluator = RewardEvaluator(store, frame)
     pinned = {name: _pinned(spec, versions) for name, spec in specs.items() if spec is not None}
     evaluator.check(list(pinned.values()))
-    for name in specs:
-        frame[name] = human if name == HUMAN else evaluator(pinned[name])
     key = stable_id("finetune-evaluation", identity, *(p for p, _, _ in prompts), str(images_per_prompt),
                     str(denoise_steps), repr(float(guidance)), str(seed), repr(float(tol)))
+    people = None  # the pairwise batch, where the images lack labels
+    for name in specs:
+        if name != HUMAN:
+            frame[name] = evaluator(pinned[name])
+        elif (graded := _graded_labels(store, frame)) is not None:
+            frame[name] = graded
+        else:
+            frame[name], people = _people_verdicts(store, frame, key, seed)
     gold_name = HUMAN if gold == HUMAN else str(parse_spec(gold))
     return FinetuneEvaluation(
         key, identity, prompts, resolved, proxy, gold_name, frame,
-        _win_tie_loss(frame, resolved, list(specs), tol), _steps_curve(frame, resolved, proxy, gold_name),
-        _best_of_n_curve(frame, len(prompts), images_per_prompt, proxy, gold_name), made, scored)
+        _win_tie_loss(frame, resolved, list(specs), tol, people is not None),
+        _steps_curve(frame, resolved, proxy, gold_name, people is not None),
+        _best_of_n_curve(frame, len(prompts), images_per_prompt, proxy, gold_name), made, scored, people)
 
 
 def _blocks(frame: pd.DataFrame, column: str, variants: int) -> np.ndarray:
@@ -335,21 +358,51 @@ def _blocks(frame: pd.DataFrame, column: str, variants: int) -> np.ndarray:
     return frame[column].to_numpy(dtype=float).reshape(variants, -1)
 
 
-def _win_tie_loss(frame, adapters: list[Adapter], rewards: list[str], tol: float) -> pd.DataFrame:
+def _row(adapter: Adapter, reward: str, wins: int, ties: int, losses: int, mean: float, base_mean: float) -> dict:
+    return dict(adapter=adapter.label, path=str(adapter.path), lora=adapter.lora, run=adapter.run, step=adapter.step,
+                reward=reward, wins=wins, ties=ties, losses=losses, n=wins + ties + losses, mean_reward=mean,
+                base_mean_reward=base_mean)
+
+
+def _win_tie_loss(frame, adapters: list[Adapter], rewards: list[str], tol: float,
+                  people_verdicts: bool = False) -> pd.DataFrame:
+    """A row per reward and adapter; with `people_verdicts` the "human" column holds people's
+    verdicts (_people_verdicts), counted over the answered pairs."""
     rows = []
     for reward in rewards:
         values = _blocks(frame, reward, 1 + len(adapters))
         for adapter, mine in zip(adapters, values[1:]):
-            wins, ties, losses = win_tie_loss(mine, values[0], tol)
-            rows.append(dict(adapter=adapter.label, path=str(adapter.path), lora=adapter.lora, run=adapter.run,
-                             step=adapter.step, reward=reward, wins=wins, ties=ties, losses=losses, n=len(mine),
-                             mean_reward=float(mine.mean()), base_mean_reward=float(values[0].mean())))
+            if reward == HUMAN and people_verdicts:
+                rows += _people_row(adapter, mine)
+            else:
+                rows.append(_row(adapter, reward, *win_tie_loss(mine, values[0], tol), float(mine.mean()),
+                                 float(values[0].mean())))
     return pd.DataFrame(rows).astype({"step": "Int64"})
 
 
-def _steps_curve(frame, adapters: list[Adapter], proxy: str, gold: str) -> pd.DataFrame:
-    """Step 0 (the base model) and every adapter whose training step is known."""
-    proxy_means, gold_means = (_blocks(frame, c, 1 + len(adapters)).mean(axis=1) for c in (proxy, gold))
+def _people_row(adapter: Adapter, verdicts: np.ndarray) -> list[dict]:
+    """People's wins, ties and losses of an adapter over its answered pairs (none: no row); the
+    means are the win shares, a tie one half: the adapter's and the base's."""
+    answered = verdicts[~np.isnan(verdicts)]
+    if not len(answered):
+        return []
+    share = float(answered.mean())
+    return [_row(adapter, HUMAN, int((answered == 1).sum()), int((answered == 0.5).sum()), int((answered == 0).sum()),
+                 share, 1 - share)]
+
+
+def _steps_curve(frame, adapters: list[Adapter], proxy: str, gold: str, win_shares: bool = False) -> pd.DataFrame:
+    """Step 0 (the base model) and every adapter whose training step is known. With
+    `win_shares` the gold is people's verdicts: their mean over the answered pairs (NaN where
+    none), 0.5 for the base."""
+    proxy_means = _blocks(frame, proxy, 1 + len(adapters)).mean(axis=1)
+    if win_shares:
+        verdicts = _blocks(frame, gold, 1 + len(adapters))
+        answered = (~np.isnan(verdicts)).sum(axis=1)
+        gold_means = np.where(answered > 0, np.nansum(verdicts, axis=1) / np.maximum(answered, 1), np.nan)
+        gold_means[0] = 0.5
+    else:
+        gold_means = _blocks(frame, gold, 1 + len(adapters)).mean(axis=1)
     rows = [dict(run="", step=0, adapter=BASE, proxy=proxy_means[0], gold=gold_means[0])]  # the base: no run
     rows += [dict(run=a.run, step=a.step, adapter=a.label, proxy=proxy_means[k], gold=gold_means[k])
              for k, a in enumerate(adapters, start=1) if a.step is not None]
@@ -493,6 +546,9 @@ def record_evaluate_finetune(store: Store, model: str, gold: str, run: str | Non
         result = evaluate_finetune(store, model, gold, run, adapters, sets, max_prompts, images_per_prompt,
                                    denoise_steps, guidance, seed, proxy, rewards, tol, weights, reward_weights,
                                    device, batch_size)
+        if result.human:
+            mlflow.log_params({"human_batch": result.human.batch, "human_pairs": result.human.pairs})
+            mlflow.log_metrics({"human_pairs_answered": result.human.answered, "human_answers": result.human.answers})
         mlflow.log_params({"generator": result.generator, "proxy": result.proxy, "evaluation": result.evaluation,
                            "heldout_prompts": len(result.prompts), "rewards": ", ".join(result.win_tie_loss["reward"]
                                                                                         .unique())})
@@ -510,12 +566,14 @@ def record_evaluate_finetune(store: Store, model: str, gold: str, run: str | Non
         for reward, base_mean in result.win_tie_loss.groupby("reward", sort=False)["base_mean_reward"].first().items():
             mlflow.log_metric(metric_key("mean_reward", reward), base_mean, step=0)
         for row in result.best_of_n_curve.itertuples():
-            mlflow.log_metrics({"best_of_n/proxy": row.proxy, "best_of_n/gold": row.gold}, step=row.n)
+            mlflow.log_metrics({"best_of_n/proxy": row.proxy}
+                               | ({} if math.isnan(row.gold) else {"best_of_n/gold": row.gold}), step=row.n)
         log_text_files({"win_tie_loss.csv": result.win_tie_loss.to_csv(index=False),
                         "curves/steps.csv": result.steps_curve.to_csv(index=False),
                         "curves/best_of_n.csv": result.best_of_n_curve.to_csv(index=False),
                         "images.csv": result.frame.to_csv(index=False)})
-        plots = {"plots/overoptimization_steps.png": steps_figure(result.steps_curve, result.proxy, result.gold),
+        gold = f"{HUMAN}, win share against the base (tie 1/2)" if result.human else result.gold
+        plots = {"plots/overoptimization_steps.png": steps_figure(result.steps_curve, result.proxy, gold),
                  "plots/overoptimization_best_of_n.png": best_of_n_figure(result.best_of_n_curve, result.proxy,
                                                                           result.gold),
                  "plots/win_tie_loss.png": win_tie_loss_figure(result.win_tie_loss)}
@@ -561,6 +619,7 @@ def _post_prefect_artifacts(result: FinetuneEvaluation, mlflow_run_id: str, plot
         key="tia2-finetune-overoptimization",
         markdown=f"## Fine-tuned adapters against {result.generator}\n\n"
                  f"Proxy `{result.proxy}`, gold `{result.gold}`, {len(result.prompts)} held-out prompts.\n\n"
+                 + (f"{describe(result.human)}.\n\n" if result.human else "") +
                  f"### Wins/ties/losses against the base model\n\n"
                  f"{markdown_table(wins_table(result.win_tie_loss).reset_index())}\n\n"
                  f"### Over fine-tuning steps\n\n{markdown_table(result.steps_curve)}\n\n"

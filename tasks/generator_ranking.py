@@ -1,7 +1,9 @@
 """Stage: ranking text-to-image generators by reward (ImageReward §2.3, Table 1; its
 test-benchmark.py). Per generator and prompt the mean reward of its images (and, with best-of-N,
 the best of its first N), then the mean over prompts and the rank; each reward's ranking against a
-human one (Spearman's ρ); Figure 3's box plot of min-max normalised per-prompt scores.
+human one (Spearman's ρ); Figure 3's box plot of min-max normalised per-prompt scores. The human
+one is a file of ranks or wins, or people's answers of a pairwise annotation batch of the
+generators' images (tasks/human_evaluation.py: each generator's share of its comparisons won).
 
 A generator is a group of stored images: `NAME` (the `generator` column starts with NAME, no LoRA
 adapter), `NAME+ADAPTER` (with the LoRA adapter whose path contains ADAPTER) or `set:SET` (every
@@ -113,6 +115,7 @@ class GeneratorRanking:
     per_prompt: pd.DataFrame  # one row per (reward, generator, prompt)
     agreement: pd.DataFrame   # per reward: Spearman's ρ with the human ranking (when given)
     best_of: int | None
+    human: pd.Series | None = None  # the human score per generator (higher is better), when given
 
 
 def rank_generators(store: Store, choices: list[GeneratorChoice], specs: list[Spec], sets: list[str] | None = None,
@@ -160,7 +163,7 @@ def rank_generators(store: Store, choices: list[GeneratorChoice], specs: list[Sp
                 row["spearman_best_of_n"] = float(spearmanr(table["best_of_n"], truth).statistic)
             agreement.append(row)
     return GeneratorRanking(pd.concat(tables, ignore_index=True), pd.concat(per_prompt, ignore_index=True),
-                            pd.DataFrame(agreement), best_of)
+                            pd.DataFrame(agreement), best_of, human)
 
 
 def format_ranking(result: GeneratorRanking) -> str:
@@ -181,6 +184,11 @@ def format_ranking(result: GeneratorRanking) -> str:
         for g in generators:
             lines.append(f"{g:<{width}}  " + "  ".join(f"{best.loc[g, r]:>{w}.4f}" for r, w in zip(rewards, columns)))
     lines.append(f"mean reward over {int(result.table['prompts'].iloc[0])} prompts (rank; 1 is best)")
+    if result.human is not None and "batch" in result.human.attrs:
+        attrs = result.human.attrs
+        lines.append(f"people (batch {attrs['batch']}, {attrs['answers']} answers; {attrs['left_out']} left out: not "
+                     f"two of these generators): share of comparisons won, a tie one half: "
+                     + ", ".join(f"{g} {result.human[g]:.3f}" for g in generators if g in result.human.index))
     for row in result.agreement.to_dict("records"):
         lines.append(f"{row['reward']}: Spearman's rho with the human ranking {row['spearman']:+.3f}"
                      + (f" (best of {result.best_of}: {row['spearman_best_of_n']:+.3f})"
@@ -217,7 +225,12 @@ def record_rank_generators(store: Store, choices: list[GeneratorChoice], specs: 
 
     from tia2.tracking import log_figure, log_text_files, metric_key, stage_run
 
-    human = read_human_ranking(human_file) if human_file else None
+    from tasks.human_evaluation import HUMAN_BATCH, generator_win_shares
+
+    if human_file and human_file.startswith(HUMAN_BATCH):
+        human = generator_win_shares(store, human_file[len(HUMAN_BATCH):], choices, sets)
+    else:
+        human = read_human_ranking(human_file) if human_file else None
     result = rank_generators(store, choices, specs, sets, best_of, human)
     params = {"generators": [c.label for c in choices], "rewards": [str(s) for s in specs],
               "sets": sets or "all", "best_of": best_of, "human": human_file or "none",

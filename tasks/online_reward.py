@@ -31,7 +31,8 @@ class OnlineReward:
         self.models = {}
         needed = scores_needed([self.spec])
         for model in sorted(needed, key=str):
-            reward_model = create_reward_model(model.name, weights=weights, device=device).requires_grad_(False)
+            reward_model = create_reward_model(model.name, weights=weights, device=device,
+                                               store=store).requires_grad_(False)
             model.version_among([reward_model.version], built=True)
             self.models[model.name] = reward_model
         methods = {m for methods in needed.values() for m in methods if m is not None}

@@ -27,6 +27,7 @@ from tia2.store import Store, stable_id
 FORMATS = ("imagereward", "hpdv2", "pairs")
 DEFAULT_SETS = {"imagereward": "imagereward-test", "hpdv2": "hpdv2-test", "pairs": "pairs"}
 CONSENSUS = "consensus"  # the annotator of a file's combined ranking
+MEAN_RANKS = "mean"  # as --annotator: each image's mean rank over its item's annotators (not the consensus)
 PAIR_FILE_SUFFIXES = (".csv", ".json", ".parquet")
 PREFERENCES = {"a": (1.0, 2.0), "b": (2.0, 1.0), "tie": (1.0, 1.0)}  # preference -> ranks of (a, b)
 BOOTSTRAP = 1000
@@ -295,7 +296,9 @@ def preference_sets(store: Store) -> list[str]:
 
 
 def preference_frame(store: Store, sets: list[str] | None, annotator: str = CONSENSUS) -> pd.DataFrame:
-    """One row per (item, image) of the chosen sets, grouped by item, images in file order."""
+    """One row per (item, image) of the chosen sets, grouped by item, images in file order: the
+    annotator's ranks, or with MEAN_RANKS each image's mean over the annotators who ranked its
+    item (an annotation batch's answers; a pair's majority where three chose a side)."""
     known = preference_sets(store)
     if not known:
         raise UserError(f"the store at {store.root} has no preference sets: run `tia2 ingest-preferences` first")
@@ -304,10 +307,13 @@ def preference_frame(store: Store, sets: list[str] | None, annotator: str = CONS
         raise UserError(f"unknown preference set(s) {', '.join(unknown)} (known: {', '.join(known)})")
     frame = store.connect().execute(
         """SELECT r.set, r.item, i.prompt_id, p.text AS caption, r.image_id, i.ordinal, r.rank
-           FROM preference_ranks r JOIN images i USING (image_id) JOIN prompts p USING (prompt_id)
-           WHERE r.annotator = $annotator AND r.set IN (SELECT unnest($sets))
-           ORDER BY r.set, r.item, i.ordinal""",
-        {"annotator": annotator, "sets": sets or known}).df()
+           FROM (SELECT set, item, image_id, avg(rank) AS rank FROM preference_ranks
+                 WHERE CASE WHEN $annotator = $mean THEN annotator <> $consensus ELSE annotator = $annotator END
+                 GROUP BY ALL) r
+           JOIN images i USING (image_id) JOIN prompts p USING (prompt_id)
+           WHERE r.set IN (SELECT unnest($sets))
+           ORDER BY r.set, r.item, i.ordinal, r.image_id""",
+        {"annotator": annotator, "mean": MEAN_RANKS, "consensus": CONSENSUS, "sets": sets or known}).df()
     if frame.empty:
         annotators = [r[0] for r in store.connect().execute(
             "SELECT DISTINCT annotator FROM preference_ranks WHERE set IN (SELECT unnest(?)) ORDER BY 1",

@@ -286,7 +286,7 @@ def record_score(store: Store, model_name: str, weights: str = "pretrained", set
     if fp16 and not device.startswith("cuda"):
         raise UserError("--fp16 needs a GPU (--device cuda): half precision on the CPU is slow and inexact")
     _check_sets_have_images(store, sets)
-    model = create_reward_model(model_name, weights=weights, seed=seed, device=device)
+    model = create_reward_model(model_name, weights=weights, seed=seed, device=device, store=store)
     if fp16:
         model = model.half()
     params = {"reward_model": model.name, "model_version": model.version, "sets": sets or "all",

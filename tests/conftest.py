@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.prefect_server import prefect_server
+from tests.support.prefect_server import SERVER_GROUP, prefect_server
 from tests.support.project import SHARED_TIA2
 from tests.support.stores import make_release, write_images
 
@@ -103,4 +103,4 @@ def prefect_api(tmp_path_factory) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("prefect_server"):
-            item.add_marker(pytest.mark.xdist_group("prefect-servers"))
+            item.add_marker(pytest.mark.xdist_group(SERVER_GROUP))

@@ -21,6 +21,7 @@ import torch
 from tasks.contrast import rule_contrasts
 from tasks.evaluate_finetune import best_of_n_kl, evaluate_finetune, record_evaluate_finetune
 from tasks.finetune import OnlineReward, finetune, paper_config, training_prompts
+from tests.support.prefect_server import SERVER_GROUP
 from tests.support.project import PROJECT
 from tests.support.stores import copy_store
 from cli.main import main
@@ -28,7 +29,10 @@ from tia2.models.diffusion import create_pipeline, save_adapter
 from tia2.models.diffusion_training import add_lora
 from tia2.store import Store, stable_id
 
-pytestmark = pytest.mark.slow  # every test reads `evaluated`, a fine-tuning run and its evaluation
+# Every test reads `evaluated`, a fine-tuning run and its evaluation (about 40 s), built once per
+# xdist worker: all of them on the worker of the Prefect-server tests (tests/conftest.py), which the
+# artifacts test below needs, build it once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(SERVER_GROUP)]
 TEXTS = ["a photo of two cats", "three red apples on a table", "a blue car next to a tree",
          "four dogs on the grass", "a red ball under a chair"]
 GOLD = "tiny-pickscore"
@@ -268,8 +272,9 @@ def test_cli_prints_the_table_and_reports_bad_input_in_one_line(evaluated, tmp_p
 
 
 @pytest.mark.prefect_server
-def test_prefect_artifacts_inside_a_flow_run(evaluated, tmp_path):
-    """Inside a Prefect flow the stage posts a table and a markdown artifact (ephemeral API)."""
+def test_prefect_artifacts_inside_a_flow_run(evaluated, tmp_path, prefect_api):
+    """Inside a Prefect flow the stage posts a table and a markdown artifact (the session's server:
+    this flow run's artifacts alone are read)."""
     import os
 
     store = copy_store(evaluated.store, tmp_path / "store")
@@ -277,6 +282,7 @@ def test_prefect_artifacts_inside_a_flow_run(evaluated, tmp_path):
 import json
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from tasks.evaluate_finetune import record_evaluate_finetune
 from tia2.store import Store
 
@@ -284,13 +290,14 @@ from tia2.store import Store
 def evaluate():
     record_evaluate_finetune(Store({str(store.root)!r}), "tiny-sd", {GOLD!r}, run={evaluated.run!r}, **{SETTINGS!r})
 
-evaluate()
+run = evaluate(return_state=True).state_details.flow_run_id
 with get_client(sync_client=True) as client:
-    print(json.dumps({{a.key: a.data for a in client.read_artifacts()}}))
+    mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run]))
+    print(json.dumps({{a.key: a.data for a in client.read_artifacts(artifact_filter=mine)}}))
 """
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", OMP_NUM_THREADS="1")
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PREFECT_API_URL=prefect_api,
+               DO_NOT_TRACK="1", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

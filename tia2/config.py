@@ -7,9 +7,10 @@ not a failed Prefect task minutes later."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +70,17 @@ def _mapping(value):
         return f"must be a mapping of settings (got {value!r})"
 
 
+def _flag(value):
+    if not has_kind(value, "bool"):
+        return f"must be true or false (got {value!r})"
+
+
+def _tasks(value):
+    from tia2.annotation import TASKS
+
+    return _names(value) or (None if value else "must name at least one task") or _unknown("task(s)", value, list(TASKS))
+
+
 def _unknown(kind: str, given: list[str], known: list[str]) -> str | None:
     wrong = [name for name in given if name not in known]
     if wrong:
@@ -101,10 +113,12 @@ def _generator(value):
     return _text(value) or _unknown("generator", [value], list_generators())
 
 
-def _reward_models(value):
+def _reward_models(value, store: str | None = None):
+    """Built-in reward models and those trained into the run's store (default: TIA2_STORE or ./storage)."""
     from tia2.models import list_models
+    from tia2.store import default_store_root
 
-    return _names(value) or _unknown("reward model(s)", value, list_models())
+    return _names(value) or _unknown("reward model(s)", value, list_models(store or default_store_root()))
 
 
 def _weights(value):
@@ -206,6 +220,8 @@ class BenchmarkConfig:
     finetune: dict | None = _key("fine-tuning and its evaluation, a mapping (flows/finetune.py): algos, reward, "
                                  "sets, max_prompts, model, weights, reward_weights, settings, evaluate", _mapping,
                                  None, optional=True)
+    annotate: dict | None = _key("annotation batches of the run's new images for people (tia2 annotate), a mapping: "
+                                 "tasks, per_item, seed, aspects", _mapping, None, optional=True)
 
     @classmethod
     def from_settings(cls, settings: dict) -> BenchmarkConfig:
@@ -221,6 +237,8 @@ class BenchmarkConfig:
         values.setdefault("sets", SETS)
         if settings.get("finetune"):
             values["finetune"] = _finetune_defaults(settings)
+        if isinstance(settings.get("annotate"), dict):
+            values["annotate"] = _annotate_defaults(settings["annotate"])
         return cls(**values)
 
 
@@ -248,6 +266,13 @@ EVALUATE_KEYS = {
     "guidance": Setting("classifier-free guidance (default 7.5)", _number),
     "rewards": Setting("more reward specs to compare", _specs),
 }
+# The keys of the `annotate` section (a mapping, even empty, turns the flow's annotate step on).
+ANNOTATE_KEYS = {
+    "tasks": Setting("rating (default: TIA2's good / bad / skip), ranking, pairwise and/or best-worst", _tasks),
+    "per_item": Setting("annotators per item (default 3, as TIA2)", _whole(1)),
+    "seed": Setting("seed of the item order, the assignment and the sides shown (default 0)", _whole()),
+    "aspects": Setting("rating: also ImageReward's 1-7 alignment, fidelity and harmlessness (default false)", _flag),
+}
 
 
 def _problems(settings: dict, keys: dict[str, Setting], section: str = "") -> list[str]:
@@ -265,9 +290,14 @@ def _problems(settings: dict, keys: dict[str, Setting], section: str = "") -> li
 
 def check_config(settings: dict) -> None:
     """Every problem of a config, in one UserError line: nothing has been done yet."""
-    problems = _problems(settings, CONFIG_KEYS)
+    store = settings.get("store") if has_kind(settings.get("store"), "str") else None
+    keys = {**CONFIG_KEYS, "reward_models": replace(CONFIG_KEYS["reward_models"],  # the models of the run's store
+                                                    check=functools.partial(_reward_models, store=store))}
+    problems = _problems(settings, keys)
     if settings.get("finetune") and isinstance(settings["finetune"], dict):  # {}: no fine-tuning
         problems += _finetune_problems(settings)
+    if isinstance(settings.get("annotate"), dict):
+        problems += _annotate_problems(settings)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -281,6 +311,21 @@ def _finetune_defaults(settings: dict) -> dict:
     section.setdefault("settings", {})
     section.setdefault("evaluate", {})
     return section
+
+
+def _annotate_defaults(section: dict) -> dict:
+    return {"tasks": ["rating"], "per_item": 3, "seed": 0, "aspects": False} | section
+
+
+def _annotate_problems(settings: dict) -> list[str]:
+    """What is wrong with the annotate section: its keys, and whether the run has images to annotate."""
+    problems = _problems(settings["annotate"], ANNOTATE_KEYS, "annotate")
+    section = _annotate_defaults(settings["annotate"])
+    if section["aspects"] is True and isinstance(section["tasks"], list) and "rating" not in section["tasks"]:
+        problems.append("annotate.aspects: the 1-7 aspect ratings belong to the rating task")
+    if not settings.get("generator") and not settings.get("image_folders"):
+        problems.append("annotate: the run makes no images to annotate (set generator or image_folders)")
+    return problems
 
 
 def _finetune_problems(settings: dict) -> list[str]:

@@ -6,6 +6,10 @@ Layout under the store root (default ``./storage``)::
     scores/part-*.parquet  the score table, append-only parts (only missing keys are appended)
     images/                generated images, content-addressed
     adapters/              fine-tuned LoRA adapters with their training state, one folder per run
+    reward_models/NAME/    reward models trained here (`tia2 train-reward`): config.json (the
+                           base's family and architecture), model.safetensors, card.json; the
+                           model registry builds them by NAME (tia2/models/__init__.py)
+    reward_training/RUN/   reward-model training runs: the last training state and the best weights
     tia2.duckdb            DuckDB catalog: one view per table, absolute paths, rebuilt atomically
     .locks/                one lock file per table; writers hold it while they read-modify-write
     .store_id              random id of this store's life (renewed when tables were deleted);
@@ -299,6 +303,31 @@ TABLES: dict[str, TableSpec] = {
         ),
         key=("evaluation", "adapter", "reward"),
     ),
+    # Reward models trained from preferences (tasks/train_reward.py), one card per registered name:
+    # what it was trained from and how it did on its held-out validation pairs.
+    "reward_model_cards": TableSpec(
+        _schema(
+            ("name", pa.string(), False),
+            ("version", pa.string(), False),          # the model_version its scores get
+            ("family", pa.string(), False),
+            ("base", pa.string(), False),
+            ("base_version", pa.string(), False),
+            ("sets", pa.list_(pa.string()), False),
+            ("items_train", pa.int32(), False),
+            ("items_validation", pa.int32(), False),
+            ("pairs_train", pa.int32(), False),
+            ("pairs_validation", pa.int32(), False),
+            ("steps", pa.int32(), False),             # optimizer steps trained
+            ("best_step", pa.int32(), False),         # the step of the registered weights
+            ("validation_accuracy", pa.float64(), False),
+            ("untrained_validation_accuracy", pa.float64(), False),
+            ("settings", pa.string(), False),         # JSON: every training setting
+            ("run", pa.string(), False),              # the training run (reward_training/RUN)
+            ("run_id", pa.string(), True),
+            ("created_at", TIMESTAMP, False),
+        ),
+        key=("name",),
+    ),
     # --- people's judgements (tasks/annotate.py): annotators, batches of items, answers ---------
     # An annotator's id doubles as `labels.annotator` (from 1000 up: TIA2's own are 0-2); only a
     # hash of the secret token of their link is kept. role: annotator or admin.
@@ -408,12 +437,14 @@ TABLES: dict[str, TableSpec] = {
     ),
 }
 
-# The TIA2 protocol's labels of each labelled image (DESIGN.md): binary z = 1 iff at least two
-# annotators gave 1; graded = the mean over its annotators of 1 -> 1, 0 -> 0, -1 -> 0.5.
+# The TIA2 protocol's labels of each labelled image (DESIGN.md): binary z = 1 iff at least two of
+# its three annotators gave 1; graded = the mean over its annotators of 1 -> 1, 0 -> 0, -1 -> 0.5.
+# Images people label in the annotation app count once they have three labels; with more, z is
+# the strict majority of 1s (two of three, as TIA2).
 IMAGE_LABELS_VIEW = """CREATE OR REPLACE VIEW image_labels AS
-    SELECT image_id, (count_if(label = 1) >= 2)::INTEGER AS z,
+    SELECT image_id, (2 * count_if(label = 1) > count(*))::INTEGER AS z,
            avg(CASE label WHEN 1 THEN 1.0 WHEN 0 THEN 0.0 WHEN -1 THEN 0.5 END) AS graded
-    FROM labels GROUP BY image_id"""
+    FROM labels GROUP BY image_id HAVING count(*) >= 3"""
 
 
 def stable_id(*parts: str) -> str:
@@ -474,6 +505,16 @@ class Store:
         return self.root / "adapters"
 
     @property
+    def reward_models_dir(self) -> Path:
+        """Reward models trained here, one folder per registered name (`reward_models_folder`)."""
+        return reward_models_folder(self.root)
+
+    @property
+    def reward_training_dir(self) -> Path:
+        """Reward-model training runs: the last training state and the best weights of each."""
+        return self.root / "reward_training"
+
+    @property
     def catalog_path(self) -> Path:
         return self.root / self.CATALOG
 
@@ -491,10 +532,15 @@ class Store:
     # --- reading -------------------------------------------------------------------------
     def connect(self, *tables: str) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with one view per table and `image_labels` (holds no
-        file lock); with `tables`, views of those only (quicker: each view reads its files' schema)."""
+        file lock). With `tables`, those only, and each small table read once, now: a view reads
+        its file by name at every query, and a writer renaming a new file in between tears the
+        read (the annotation app reads while answers are written)."""
         con = duckdb.connect()
         for name in tables or TABLES:
-            con.execute(self._view_sql(name))
+            if tables and not TABLES[name].append_only:
+                con.register(name, self.read(name))
+            else:
+                con.execute(self._view_sql(name))
         if not tables or "labels" in tables:
             con.execute(IMAGE_LABELS_VIEW)
         return con
@@ -510,9 +556,12 @@ class Store:
 
     def read(self, table: str) -> pa.Table:
         if TABLES[table].append_only:
-            with self.connect() as con:
+            with self.connect(table) as con:
                 return con.sql(f"SELECT * FROM {table}").to_arrow_table().cast(TABLES[table].schema)
-        return pq.read_table(self._file(table), schema=TABLES[table].schema)
+        # One open file: pyarrow opening the path again (footer, then pages) could meet the file
+        # a writer renamed into place in between.
+        with open(self._file(table), "rb") as fh:
+            return pq.read_table(fh, schema=TABLES[table].schema)
 
     def fingerprint(self, *tables: str) -> str:
         """Changes whenever any of the tables' files change; used in stage cache keys."""
@@ -869,6 +918,12 @@ def store_path(root: str | os.PathLike) -> Path:
         raise UserError(f"store {text}: the store needs a POSIX file system (atomic renames, file locks); "
                         f"mount {protocol}:// storage as a file system and give its path or a file:// URL")
     return Path(LocalFileSystem._strip_protocol(text)).resolve()
+
+
+def reward_models_folder(root: str | os.PathLike) -> Path:
+    """The registered reward models of the store at `root`, without opening the store (a
+    config check reads it and must write nothing)."""
+    return store_path(root) / "reward_models"
 
 
 def default_store_root() -> str:

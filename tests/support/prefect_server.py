@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
+# the xdist group of the tests that run flows against a server (tests/conftest.py)
+SERVER_GROUP = "prefect-servers"
 
 
 def _free_port() -> int:
