@@ -256,7 +256,6 @@ def test_cli_prints_the_table_and_reports_bad_input_in_one_line(evaluated, tmp_p
         (["--run", evaluated.run, "--gold", "textnorm(tiny-clip"], "bad reward spec"),
         (["--run", evaluated.run, "--gold", "no-such-model"], "unknown reward model"),
         (["--run", evaluated.run, "--gold", GOLD, "--reward", "textnorm(tiny-clip, tau=1)"], "no contrast prompts of method 'dataset'"),
-        (["--run", evaluated.run, "--gold", "human"], "have no human labels"),
         (["--run", evaluated.run, "--gold", GOLD, "--set", "nope"], "no prompts in set(s) nope"),
         (["--run", evaluated.run, "--gold", GOLD, "--images-per-prompt", "0"], "must be a whole number of at least 1"),
         (["--run", evaluated.run, "--adapter", str(evaluated.zero), "--gold", GOLD], "not allowed with argument"),
