@@ -54,10 +54,11 @@ def preference_metrics_arguments(p) -> None:
 
     p.add_argument("--reward", action="append", required=True, metavar="SPEC", help="a reward spec (repeatable)")
     p.add_argument("--set", action="append", metavar="NAME", help="only this preference set (repeatable; default: all)")
-    p.add_argument("--annotator", default=CONSENSUS,
-                   help=f"whose rankings (default {CONSENSUS}: the file's combined ranking); an annotator's name; "
-                        f"{MEAN_RANKS}: each image's mean rank over its item's annotators (an annotation batch's "
-                        f"answers; for a pair with three annotators and no tie, the majority's choice)")
+    p.add_argument("--annotator",
+                   help=f"whose rankings: {CONSENSUS}, a file's combined ranking; {MEAN_RANKS}, each image's mean "
+                        f"rank over its item's annotators (for a pair with three annotators and no tie, the "
+                        f"majority's choice); or an annotator's name. Default: {CONSENSUS} for sets that have one, "
+                        f"{MEAN_RANKS} for annotation batches")
     p.add_argument("--bootstrap", type=count, default=defaults_of(record_preference_metrics)["resamples"],
                    metavar="N", help="bootstrap resamples over items for the intervals (default %(default)s)")
     p.add_argument("--out", metavar="FILE.csv", help="write one row per item and reward to this CSV")

@@ -295,16 +295,37 @@ def preference_sets(store: Store) -> list[str]:
         "SELECT DISTINCT set FROM preference_ranks ORDER BY 1").fetchall()]
 
 
-def preference_frame(store: Store, sets: list[str] | None, annotator: str = CONSENSUS) -> pd.DataFrame:
-    """One row per (item, image) of the chosen sets, grouped by item, images in file order: the
-    annotator's ranks, or with MEAN_RANKS each image's mean over the annotators who ranked its
-    item (an annotation batch's answers; a pair's majority where three chose a side)."""
+def _chosen_sets(store: Store, sets: list[str] | None) -> list[str]:
+    """The chosen preference sets (default: all), each checked to exist."""
     known = preference_sets(store)
     if not known:
         raise UserError(f"the store at {store.root} has no preference sets: run `tia2 ingest-preferences` first")
     unknown = sorted(set(sets or []) - set(known))
     if unknown:
         raise UserError(f"unknown preference set(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    return list(sets or known)
+
+
+def default_annotator(store: Store, sets: list[str] | None) -> str:
+    """Whose rankings to use when nobody says: CONSENSUS for sets ingested with a combined ranking
+    (a file's), MEAN_RANKS for sets of per-annotator rankings only (an annotation batch's)."""
+    chosen = _chosen_sets(store, sets)
+    with_consensus = {s for (s,) in store.connect("preference_ranks").execute(
+        "SELECT DISTINCT set FROM preference_ranks WHERE annotator = ? AND set IN (SELECT unnest(?))",
+        [CONSENSUS, chosen]).fetchall()}
+    if with_consensus and len(with_consensus) < len(set(chosen)):
+        raise UserError(f"set(s) {', '.join(sorted(with_consensus))} have a combined ranking and "
+                        f"{', '.join(sorted(set(chosen) - with_consensus))} only per-annotator ones: "
+                        f"say whose rankings to use (--annotator {CONSENSUS}, {MEAN_RANKS} or a name), "
+                        f"or measure them apart")
+    return CONSENSUS if with_consensus else MEAN_RANKS
+
+
+def preference_frame(store: Store, sets: list[str] | None, annotator: str = CONSENSUS) -> pd.DataFrame:
+    """One row per (item, image) of the chosen sets, grouped by item, images in file order: the
+    annotator's ranks, or with MEAN_RANKS each image's mean over the annotators who ranked its
+    item (an annotation batch's answers; a pair's majority where three chose a side)."""
+    sets = _chosen_sets(store, sets)
     frame = store.connect().execute(
         """SELECT r.set, r.item, i.prompt_id, p.text AS caption, r.image_id, i.ordinal, r.rank
            FROM (SELECT set, item, image_id, avg(rank) AS rank FROM preference_ranks
@@ -313,12 +334,12 @@ def preference_frame(store: Store, sets: list[str] | None, annotator: str = CONS
            JOIN images i USING (image_id) JOIN prompts p USING (prompt_id)
            WHERE r.set IN (SELECT unnest($sets))
            ORDER BY r.set, r.item, i.ordinal, r.image_id""",
-        {"annotator": annotator, "mean": MEAN_RANKS, "consensus": CONSENSUS, "sets": sets or known}).df()
+        {"annotator": annotator, "mean": MEAN_RANKS, "consensus": CONSENSUS, "sets": sets}).df()
     if frame.empty:
         annotators = [r[0] for r in store.connect().execute(
             "SELECT DISTINCT annotator FROM preference_ranks WHERE set IN (SELECT unnest(?)) ORDER BY 1",
-            [sets or known]).fetchall()]
-        raise UserError(f"no rankings by annotator {annotator!r} in set(s) {', '.join(sets or known)} "
+            [sets]).fetchall()]
+        raise UserError(f"no rankings by annotator {annotator!r} in set(s) {', '.join(sets)} "
                         f"(annotators: {', '.join(annotators)})")
     frame.index.name = "row"
     return frame
@@ -347,13 +368,15 @@ class PreferenceResult:
 
 
 def compute_preference_metrics(store: Store, specs: list[Spec], sets: list[str] | None = None,
-                               annotator: str = CONSENSUS, resamples: int = BOOTSTRAP) -> PreferenceResult:
+                               annotator: str | None = None, resamples: int = BOOTSTRAP) -> PreferenceResult:
+    """The figures of every spec against people's rankings; `annotator` None: `default_annotator`."""
     from tasks.rewards import RewardEvaluator
 
     if not specs:
         raise UserError("give at least one --reward")
     if resamples < 1:
         raise UserError(f"--bootstrap must be at least 1 (got {resamples})")
+    annotator = annotator or default_annotator(store, sets)
     frame = preference_frame(store, sets, annotator)
     evaluator = RewardEvaluator(store, frame)
     evaluator.check(specs)
@@ -497,7 +520,7 @@ def buckets_figure(result: PreferenceResult):
 
 
 def record_preference_metrics(store: Store, specs: list[Spec], sets: list[str] | None = None,
-                              annotator: str = CONSENSUS, resamples: int = BOOTSTRAP, out_csv: str | None = None,
+                              annotator: str | None = None, resamples: int = BOOTSTRAP, out_csv: str | None = None,
                               parent_run_id: str | None = None) -> PreferenceResult:
     """Compute, store (`preference_metrics`), write the CSV and log params, metrics, the CSV and
     the plot to MLflow."""
@@ -512,7 +535,7 @@ def record_preference_metrics(store: Store, specs: list[Spec], sets: list[str] |
     per_item = pd.concat([a.per_item for a in result.rewards], ignore_index=True)
     csv_text = per_item[CSV_COLUMNS].to_csv(index=False, float_format="%.10g")
     summary = summary_frame(result)
-    params = {"rewards": [a.reward for a in result.rewards], "sets": result.sets, "annotator": annotator,
+    params = {"rewards": [a.reward for a in result.rewards], "sets": result.sets, "annotator": result.annotator,
               "items": result.items, "pairs": result.pairs, "bootstrap": resamples, "store": str(store.root)}
     with stage_run("preference-metrics", params, parent_run_id) as run:
         store.upsert("preference_metrics", pa.Table.from_pandas(per_item.assign(run_id=run.info.run_id),

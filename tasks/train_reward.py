@@ -55,7 +55,7 @@ def training_images(store: Store, sets: list[str], annotator: str | None = None,
                     split: str = "prompt") -> tuple[RankedImages, dict]:
     """The ranked images of `sets` with pixels, grouped by item, and what was found per set.
     `split` says what a group is: a prompt (its text) or an item."""
-    from tasks.preferences import CONSENSUS, MEAN_RANKS, preference_frame, preference_sets
+    from tasks.preferences import default_annotator, preference_frame, preference_sets
 
     if not sets:
         raise UserError("give at least one --set: a preference set, an annotation batch or a labelled image set")
@@ -71,7 +71,7 @@ def training_images(store: Store, sets: list[str], annotator: str | None = None,
     frames, report = [], {}
     for name in dict.fromkeys(sets):
         if name in ranked:
-            whose = annotator or (CONSENSUS if _has_consensus(store, name) else MEAN_RANKS)
+            whose = annotator or default_annotator(store, [name])
             frame = preference_frame(store, [name], whose)[["set", "item", "caption", "image_id", "rank"]]
             report[name] = {"kind": "preferences", "annotator": whose}
         else:
@@ -109,13 +109,6 @@ def training_images(store: Store, sets: list[str], annotator: str | None = None,
                         f"people rank differently ({missing} of their images have no file: register them with "
                         f"tia2 import-images or ingest-preferences --images)")
     return images, report
-
-
-def _has_consensus(store: Store, set_name: str) -> bool:
-    from tasks.preferences import CONSENSUS
-
-    return bool(store.connect("preference_ranks").execute(
-        "SELECT count(*) FROM preference_ranks WHERE set = ? AND annotator = ?", [set_name, CONSENSUS]).fetchall()[0][0])
 
 
 # --- checks ----------------------------------------------------------------------------------

@@ -7,12 +7,11 @@ answers the test gave, by its own loop."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import subprocess
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,9 @@ from tasks import annotate
 from tasks.generate import image_id, save_png
 from tasks.generator_ranking import GeneratorChoice
 from tasks.human_evaluation import benchmark_batches, generator_pairs_batch, verdict
+from tasks.preferences import ingest_preferences
 from tasks.score import import_scores
+from tests.support.annotation import answer, draw, people
 from tests.support.project import PROJECT
 from tia2.config import merged_config
 from tia2.errors import UserError
@@ -61,11 +62,6 @@ def isolated_tracking(module_tracking):
     return module_tracking
 
 
-def draw(*parts) -> int:
-    """A fixed pseudo-random number per tuple (the answers' "opinions")."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
 def generated_store(root: Path, generators: list[str], images_per_prompt: int, set_name: str = "gen",
                     texts: list[str] = TEXTS) -> Store:
     """Images as `tia2 generate` registers them (content-addressed PNGs, seeded ordinals), of
@@ -90,26 +86,6 @@ def generated_store(root: Path, generators: list[str], images_per_prompt: int, s
                        score=float(rng.normal())) for r in rows]).to_csv(root / "m.csv", index=False)
     import_scores(store, root / "m.csv")
     return store
-
-
-def people(store: Store, *names: str) -> list[annotate.Annotator]:
-    return [annotate.add_annotator(store, name)[0] for name in names]
-
-
-def answer(store: Store, batch: str, annotators, choose) -> list[tuple]:
-    """Every annotator answers their queue of the batch with `choose(annotator, item view)` (None:
-    leaves the item), submitted concurrently as the app's requests are; (annotator, view,
-    payload) of each answer."""
-    jobs = [(a, view, payload) for a in annotators
-            for view in annotate.next_items(store, batch, a.annotator_id, count=100_000)
-            if (payload := choose(a, view)) is not None]
-    writer = annotate.AnswerWriter(store)
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda job: writer.submit(job[0], batch, job[1].item, job[2]), jobs))
-    finally:
-        writer.close()
-    return jobs
 
 
 def table_files(store: Store, *tables: str) -> dict[str, bytes]:
@@ -224,9 +200,22 @@ def test_rankings_and_pairs_go_through_preference_metrics(tmp_path, capsys):
     assert stored_counts(ranking.batch, "bob") == expected_counts(bob)
     out = capsys.readouterr().out
     assert "annotator mean" in out and "annotator bob" in out
-    # the default, a file's consensus ranking, is not what a batch has: one line naming its annotators
-    assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", ranking.batch]) == 2
+    # by default a batch is measured against the mean ranks (it has no file's combined ranking)
+    assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", ranking.batch,
+                 "--bootstrap", "20"]) == 0
+    assert "annotator mean" in capsys.readouterr().out
+    assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", ranking.batch,
+                 "--annotator", "consensus"]) == 2
     assert "no rankings by annotator 'consensus'" in capsys.readouterr().err
+    # beside a set with a combined ranking, the default is ambiguous: say so, measure nothing
+    (tmp_path / "file.json").write_text(json.dumps(
+        [{"id": "a", "prompt": "p", "generations": ["x.png", "y.png"], "ranking": [1, 2]}]))
+    ingest_preferences(store, tmp_path / "file.json", "imagereward", "from-file")
+    before = stored_counts(pairs.batch, "mean")
+    assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", pairs.batch,
+                 "--set", "from-file"]) == 2
+    assert ("set(s) from-file have a combined ranking and " + pairs.batch) in capsys.readouterr().err
+    assert stored_counts(pairs.batch, "mean") == before
 
 
 # --- pairwise wins of generators -> tia2 rank-generators --human batch:NAME ------------------------
@@ -435,7 +424,7 @@ def test_evaluate_gold_human_makes_pairs_then_counts_peoples_verdicts(tmp_path, 
 FLOW_RUNS = """
 import json, sys
 from tasks import annotate
-from tests.test_human_evaluation import answer, draw, people
+from tests.support.annotation import answer, draw, people
 from tia2.annotation import item_id
 from tia2.store import Store
 

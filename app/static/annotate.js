@@ -182,7 +182,7 @@
           keyButton("G", "Good", () => rating.send("good"), {class: "good"}),
           keyButton("B", "Bad", () => rating.send("bad"), {class: "bad"}),
           keyButton("S", "Skip", () => rating.send("skip"), {class: "skip"})));
-      help(draft.aspects ? "G good · B bad · S skip · 1–7 rate the highlighted aspect · Tab next aspect" :
+      help(draft.aspects ? "G good · B bad · S skip · 1–7 rate the highlighted aspect and move to the next · Tab skips one" :
                            "G good · B bad · S skip");
     },
     send(label) {
