@@ -23,6 +23,9 @@ from tia2.store import TABLES, Store
 RESAMPLES = 1000
 
 
+TIA2_POSITION = "tia2#"  # TIA2's labels of an image, by position: tia2#1, tia2#2, tia2#3
+
+
 @dataclass
 class AgreementResult:
     scope: str
@@ -39,9 +42,12 @@ def judgements(store: Store, scope: str) -> tuple[str, pd.DataFrame, pd.DataFram
                         "labels", "preference_ranks")
     batch = con.execute("SELECT task FROM annotation_batches WHERE batch = ?", [scope]).fetchone()
     if batch is None:
-        labels = con.execute("""SELECT l.image_id AS item, i.prompt_id AS "group", l.annotator::VARCHAR AS annotator,
-                                       l.label FROM labels l JOIN images i USING (image_id) WHERE i.set = ?""",
-                             [scope]).df()
+        # people of the app by name; TIA2's own three labels by their position in the release
+        labels = con.execute("""SELECT l.image_id AS item, i.prompt_id AS "group",
+                                       coalesce(p.name, $tia2 || (l.annotator + 1)::VARCHAR) AS annotator, l.label
+                                FROM labels l JOIN images i USING (image_id)
+                                LEFT JOIN annotators p ON p.annotator_id = l.annotator WHERE i.set = $set""",
+                             {"set": scope, "tia2": TIA2_POSITION}).df()
         if labels.empty:
             batches = [b for (b,) in con.execute("SELECT batch FROM annotation_batches ORDER BY 1").fetchall()]
             raise UserError(f"{scope!r} is neither an annotation batch ({', '.join(batches) or 'none yet'}) "
@@ -103,7 +109,12 @@ def format_agreement(result: AgreementResult) -> str:
     table["95% interval"] = [f"[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "" for lo, hi in zip(table["low"], table["high"])]
     table["value"] = table["value"].map(lambda v: f"{v:.3f}" if np.isfinite(v) else "n/a")
     head = (f"agreement on {result.scope!r} ({result.kind}): {result.items} items, {result.annotators} annotators")
-    return head + "\n" + table[["measure", "subject", "other", "value", "95% interval", "n"]].to_string(index=False)
+    lines = [head, table[["measure", "subject", "other", "value", "95% interval", "n"]].to_string(index=False)]
+    if table["subject"].str.startswith(TIA2_POSITION).any():
+        lines.append(f"{TIA2_POSITION}1-3 are the positions of TIA2's three labels per image: the release does not say\n"
+                     f"whether a position is one person throughout, so rows per {TIA2_POSITION}N compare positions; the\n"
+                     f"pooled rows (all) and Krippendorff's alpha do not depend on who is who")
+    return "\n".join(lines)
 
 
 def record_agreement(store: Store, scope: str, specs: list[Spec] = (), resamples: int = RESAMPLES,

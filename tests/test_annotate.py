@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 
 from tasks import annotate
-from tests.support.annotation import SET, annotation_store
+from tests.support.annotation import SET, annotation_store, people
 from tia2.annotation import AnswerError, parse_answer
 from tia2.errors import UserError
 from tia2.store import TABLES, Store
-
-
-def people(store: Store, *names: str) -> list[annotate.Annotator]:
-    return [annotate.add_annotator(store, name)[0] for name in names]
 
 
 def table_bytes(store: Store) -> dict[str, bytes]:
@@ -344,6 +340,38 @@ def test_agreement_of_a_batch_is_stored_and_logged(tmp_path):
     assert run.data.metrics["pairwise/ann/bob"] == 1.0
     record_agreement(store, batch, resamples=50)  # again: the batch's rows are replaced, not added
     assert store.read("annotation_agreement").num_rows == len(result.table)
+
+
+def test_agreement_on_a_labelled_set_names_people_and_tia2s_label_positions(tmp_path):
+    """A set labelled by TIA2 (three labels per image, annotators 0-2) and by a person of the app:
+    the person by name, TIA2's labels as tia2#1-3, each pair's share of images labelled alike."""
+    import pyarrow as pa
+
+    from tasks.agreement import compute_agreement, format_agreement
+
+    store = annotation_store(tmp_path / "s", prompts=2)
+    images = store.read("images").column("image_id").to_pylist()
+    tia2 = {(image, k): (n * (k + 2)) % 3 % 2 for n, image in enumerate(images) for k in range(3)}
+    store.upsert("labels", pa.Table.from_pylist([dict(image_id=i, annotator=k, label=v) for (i, k), v in tia2.items()]))
+    ann = people(store, "ann")[0]
+    batch = annotate.create_batch(store, "rating", SET, per_item=1).batch
+    mine = {}
+    writer = annotate.AnswerWriter(store)
+    try:
+        for n, view in enumerate(annotate.next_items(store, batch, ann.annotator_id, count=100)):
+            mine[view.image_ids[0]] = n % 2
+            writer.submit(ann, batch, view.item, {"label": ["bad", "good"][n % 2]})
+    finally:
+        writer.close()
+    result = compute_agreement(store, SET, resamples=20)
+    table = result.table.set_index(["measure", "subject", "other"])["value"]
+    assert result.annotators == 4 and len(mine) == len(images)
+    for k, j in ((0, 1), (0, 2), (1, 2)):
+        alike = sum(tia2[(i, k)] == tia2[(i, j)] for i in images) / len(images)
+        assert table[("pairwise", f"tia2#{k + 1}", f"tia2#{j + 1}")] == pytest.approx(alike)
+    assert table[("pairwise", "ann", "tia2#2")] == pytest.approx(
+        sum(mine[i] == tia2[(i, 1)] for i in images) / len(images))
+    assert "tia2#1-3 are the positions of TIA2's three labels" in format_agreement(result)
 
 
 def test_the_annotate_commands(tmp_path, capsys):
