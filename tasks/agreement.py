@@ -15,7 +15,7 @@ import pyarrow as pa
 from tia2.agreement import (
     agreement_frame, aspect_agreement, ranking_agreement, rating_agreement, reward_agreement,
 )
-from tia2.annotation import LABEL_VALUES
+from tia2.annotation import FIRST_ANNOTATOR_ID, LABEL_VALUES
 from tia2.errors import UserError
 from tia2.specs import Spec
 from tia2.store import TABLES, Store
@@ -44,10 +44,11 @@ def judgements(store: Store, scope: str) -> tuple[str, pd.DataFrame, pd.DataFram
     if batch is None:
         # people of the app by name; TIA2's own three labels by their position in the release
         labels = con.execute("""SELECT l.image_id AS item, i.prompt_id AS "group",
-                                       coalesce(p.name, $tia2 || (l.annotator + 1)::VARCHAR) AS annotator, l.label
+                                       CASE WHEN l.annotator < $first THEN $tia2 || (l.annotator + 1)::VARCHAR
+                                            ELSE coalesce(p.name, l.annotator::VARCHAR) END AS annotator, l.label
                                 FROM labels l JOIN images i USING (image_id)
                                 LEFT JOIN annotators p ON p.annotator_id = l.annotator WHERE i.set = $set""",
-                             {"set": scope, "tia2": TIA2_POSITION}).df()
+                             {"set": scope, "tia2": TIA2_POSITION, "first": FIRST_ANNOTATOR_ID}).df()
         if labels.empty:
             batches = [b for (b,) in con.execute("SELECT batch FROM annotation_batches ORDER BY 1").fetchall()]
             raise UserError(f"{scope!r} is neither an annotation batch ({', '.join(batches) or 'none yet'}) "
