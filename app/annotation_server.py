@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -266,10 +267,27 @@ class _HideTokens(logging.Filter):
         return True
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Run the app with uvicorn until interrupted (127.0.0.1 unless told otherwise)."""
+def listening_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
+    """The app's socket, bound now (this machine only unless told otherwise), so that a taken port
+    or an unknown address is one line before anything is written; `serve` listens on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve(store: Store, sock: socket.socket) -> None:
+    """Run the app with uvicorn on a bound socket (`listening_socket`) until interrupted."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(store), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(store), log_level="info")
     logging.getLogger("uvicorn.access").addFilter(_HideTokens())  # after Config, which sets up logging
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -20,8 +20,16 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    value = count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port, 1-65535 (got {text!r})")
+    return value
+
+
 def _url(host: str, port: int) -> str:
-    return f"http://{host}:{port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _batch_arguments(p, required: bool) -> None:
@@ -71,15 +79,20 @@ def run_create_batch(args) -> int:
 
 
 def run_serve(args) -> int:
-    from app.annotation_server import serve
+    from app.annotation_server import listening_socket, serve
     from tasks.annotate import add_annotator, annotators, assign_pending
 
     if bool(args.task) != bool(args.set_name):
         raise UserError("give --task and --set together (or neither, to serve the store's batches)")
     store = open_store(args)
-    if args.task:
-        _create_batch(store, args)
-    assign_pending(store)
+    sock = listening_socket(args.host, args.port)  # before any write: a taken port changes nothing
+    try:
+        if args.task:
+            _create_batch(store, args)
+        assign_pending(store)
+    except BaseException:
+        sock.close()
+        raise
     url = _url(args.host, args.port)
     if not any(a.role == "admin" for a in annotators(store)):
         admin, token = add_annotator(store, "admin", "admin")
@@ -89,7 +102,7 @@ def run_serve(args) -> int:
               f"put the app behind HTTPS to serve beyond this machine")
     print(f"serving the annotation app on {url} (ctrl-C stops it); "
           f"`tia2 annotate add-annotator NAME --url {url}` prints a link")
-    serve(store, host=args.host, port=args.port)
+    serve(store, sock)
     return 0
 
 
@@ -178,7 +191,7 @@ def annotate_arguments(p) -> None:
         elif name == "serve":
             _batch_arguments(q, required=False)
             q.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
-            q.add_argument("--port", type=count, default=DEFAULT_PORT, help="port (default %(default)s)")
+            q.add_argument("--port", type=port, default=DEFAULT_PORT, help="port (default %(default)s)")
         elif name == "agreement":
             from tasks.agreement import RESAMPLES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -391,12 +392,19 @@ def test_the_annotate_commands(tmp_path, capsys):
     assert main(["annotate", "export", "--batch", "demo-best-worst", "--out", str(out), *at]) == 0
     assert len(json.loads(out.read_text())) == 2
     files = table_bytes(store)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # a port another program holds
     for argv, message in [(["create-batch", "--task", "rating"], "required: --set"),
                           (["serve", "--task", "rating"], "give --task and --set together"),
+                          (["serve", "--port", "99999"], "must be a port, 1-65535"),
+                          (["serve", "--task", "rating", "--set", SET, "--port", str(taken.getsockname()[1])],
+                           f"cannot serve on 127.0.0.1:{taken.getsockname()[1]}: Address already in use"),
+                          (["serve", "--host", "no.such.host.invalid"], "cannot serve on no.such.host.invalid:8765"),
                           (["agreement", "demo-best-worst"], "has no answers yet"),
                           (["agreement", "nosuch"], "neither an annotation batch"),
                           (["export", "--batch", "nosuch", "--out", str(tmp_path / "x.json")], "no annotation batch"),
                           (["import", str(tmp_path / "missing.json")], "cannot read it")]:
         assert main(["annotate", *argv, *at]) == 2, argv
         assert message in capsys.readouterr().err, argv
-    assert table_bytes(store) == files and not (tmp_path / "x.json").exists()
+    taken.close()
+    assert table_bytes(store) == files and not (tmp_path / "x.json").exists()  # no batch, no admin made
