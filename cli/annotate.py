@@ -28,6 +28,16 @@ def port(text: str) -> int:
     return value
 
 
+def app_url(text: str) -> str:
+    """An argparse type: where the app is served, an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"must be the app's http:// or https:// address (got {text!r})")
+    return text
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -133,9 +143,9 @@ def run_export(args) -> int:
     from tasks.annotate import export_label_studio
     from tasks.metrics import check_output_file, write_text_atomic
 
-    check_output_file(args.out)
+    check_output_file(args.out, "tasks.json")
     if args.config:
-        check_output_file(args.config)
+        check_output_file(args.config, "config.xml")
 
     def image_url(image_id: str, path: str | None) -> str:
         path = path or ""
@@ -184,7 +194,7 @@ def annotate_arguments(p) -> None:
             q.add_argument("name", metavar="NAME", help="letters, digits and . _ @ + -")
             q.add_argument("--admin", action="store_true", help="the admin (progress and agreement pages)")
             q.add_argument("--new-token", action="store_true", help="a new link for an existing annotator")
-            q.add_argument("--url", default=_url(DEFAULT_HOST, DEFAULT_PORT),
+            q.add_argument("--url", type=app_url, default=_url(DEFAULT_HOST, DEFAULT_PORT),
                            help="where the app is served, for the link (default %(default)s)")
         elif name == "create-batch":
             _batch_arguments(q, required=True)

@@ -360,12 +360,12 @@ def record_tune(store: Store, models: list[str], sets: list[str] | None = None,
     return result
 
 
-def check_output_file(path: str) -> None:
-    """A UserError, before any work, when `path` cannot become a file: a folder, or a place this
-    process may not write."""
+def check_output_file(path: str, example: str = "metrics.csv") -> None:
+    """A UserError, before any work, when `path` cannot become a file: a folder (the message
+    suggests `example` in it), or a place this process may not write."""
     target = Path(path)
     if target.is_dir():
-        raise UserError(f"{path} is a folder: give a file name, e.g. {target / 'metrics.csv'}")
+        raise UserError(f"{path} is a folder: give a file name, e.g. {target / example}")
     parent = next(p for p in target.absolute().parents if p.exists())  # the folder it would be made in
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: {parent} is not a folder this user may write to")
