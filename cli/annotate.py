@@ -104,9 +104,16 @@ def run_serve(args) -> int:
         sock.close()
         raise
     url = _url(args.host, args.port)
-    if not any(a.role == "admin" for a in annotators(store)):
+    people = annotators(store)
+    if not any(a.role == "admin" for a in people):
         admin, token = add_annotator(store, "admin", "admin")
         print(f"admin link (progress and agreement), keep it secret:\n  {url}/a/{token}")
+    # the app reads the store on each request: what is missing now can be added while it runs
+    if not store.read("annotation_batches").num_rows:
+        print("note: the store has no annotation batches yet: make one with `tia2 annotate create-batch`")
+    if not any(a.role == "annotator" for a in people):
+        print(f"note: no annotators yet: `tia2 annotate add-annotator NAME --url {url}` makes one and prints "
+              f"their link")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: links carry their token over plain HTTP; "
               f"put the app behind HTTPS to serve beyond this machine")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -19,6 +22,7 @@ from tasks import annotate
 from tasks.agreement import compute_agreement
 from tests.support.annotation import SET, annotation_store
 from tests.support.annotation_app import annotate_concurrently, running_server, some_answer
+from tests.support.project import PROJECT
 from tests.support.stores import copy_store
 
 SPLIT = "split"  # a set whose rating items go to one annotator each: images only one of them may see
@@ -258,6 +262,30 @@ def test_the_admin_pages_need_the_admin_token_and_show_each_annotator_s_progress
     assert rows and all(r["value"] == pytest.approx(v) for r, v in zip(rows, expected["value"]) if r["value"] is not None)
     section = admin.get("/admin").text.split(f'data-batch="{BATCHES["pairwise"]}">', 1)[1].split("</section>")[0]
     assert all(r["measure"] in section for r in rows)
+
+
+def test_serving_a_store_with_nothing_to_annotate_says_what_to_do_next(tmp_path):
+    """`tia2 annotate serve` on a new store: the admin link, and how to add batches and annotators
+    (the running app picks them up)."""
+    with listening_socket(port=0) as probe:
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(tmp_path / "store"), "annotate", "serve",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=PROJECT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("serving the annotation app"):
+            line = proc.stdout.readline()
+            assert line, lines
+            lines.append(line)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/me", timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out = "".join(lines)
+    assert f"http://127.0.0.1:{port}/a/" in out
+    assert "no annotation batches yet: make one with `tia2 annotate create-batch`" in out
+    assert f"no annotators yet: `tia2 annotate add-annotator NAME --url http://127.0.0.1:{port}`" in out
 
 
 def test_the_server_binds_this_machine_only_by_default():
