@@ -268,13 +268,14 @@ class _HideTokens(logging.Filter):
 
 
 def listening_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
-    """The app's socket, bound now (this machine only unless told otherwise), so that a taken port
-    or an unknown address is one line before anything is written; `serve` listens on it."""
+    """The app's socket, bound and listening now (this machine only unless told otherwise), so that
+    a taken port or an unknown address is one line before anything is written; `serve` answers on it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them (its default backlog)
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None

@@ -278,7 +278,7 @@ def test_serving_a_store_with_nothing_to_annotate_says_what_to_do_next(tmp_path)
             line = proc.stdout.readline()
             assert line, lines
             lines.append(line)
-        assert httpx.get(f"http://127.0.0.1:{port}/api/me", timeout=10).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/api/me", timeout=60).status_code == 401  # waits in the backlog
     finally:
         proc.terminate()
         proc.wait(30)
