@@ -13,19 +13,11 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from cli.command import Command, Parser, count, defaults_of, open_store, set_name
+from cli.command import Command, Parser, count, defaults_of, open_store, port, set_name
 from tia2.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-
-
-def port(text: str) -> int:
-    """An argparse type: a TCP port, 1-65535."""
-    value = count(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port, 1-65535 (got {text!r})")
-    return value
 
 
 def app_url(text: str) -> str:

@@ -81,14 +81,16 @@ def as_written(value: float, scientific: bool = False) -> str:
 
 # --- argument types ---------------------------------------------------------------------------
 def number(kind: type, minimum: float | None = None, *, above: float | None = None,
-           word: str | None = None, meaning=None):
+           maximum: float | None = None, word: str | None = None, meaning=None):
     """An argparse type: a finite number of `kind` (int or float), at least `minimum` or more than
-    `above` when given, or the keyword `word` (which stands for `meaning`)."""
+    `above`, and at most `maximum`, when given, or the keyword `word` (which stands for `meaning`)."""
     expected = "a whole number" if kind is int else "a finite number"
     if minimum is not None:
         expected += f" of at least {minimum:g}"
     if above is not None:
         expected += f" above {above:g}"
+    if maximum is not None:
+        expected += f" and at most {maximum:g}"
     if word is not None:
         expected += f" or {word}"
 
@@ -99,13 +101,15 @@ def number(kind: type, minimum: float | None = None, *, above: float | None = No
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (minimum is None or value >= minimum) and (above is None or value > above)):
+        if not (math.isfinite(value) and (minimum is None or value >= minimum) and (above is None or value > above)
+                and (maximum is None or value <= maximum)):
             raise argparse.ArgumentTypeError(f"must be {expected} (got {text!r})")
         return value
     return parse
 
 
 count = number(int, minimum=1)  # sizes, steps, limits: zero or fewer would do nothing
+port = number(int, minimum=1, maximum=65535)  # a TCP port
 finite = number(float)
 count_or_auto = number(int, minimum=1, word="auto", meaning=None)  # auto (None): from the GPU's free memory
 

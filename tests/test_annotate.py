@@ -396,7 +396,7 @@ def test_the_annotate_commands(tmp_path, capsys):
     taken.bind(("127.0.0.1", 0))  # a port another program holds
     for argv, message in [(["create-batch", "--task", "rating"], "required: --set"),
                           (["serve", "--task", "rating"], "give --task and --set together"),
-                          (["serve", "--port", "99999"], "must be a port, 1-65535"),
+                          (["serve", "--port", "99999"], "must be a whole number of at least 1 and at most 65535 (got '99999')"),
                           (["add-annotator", "dee", "--url", "ftp://x"], "must be the app's http:// or https://"),
                           (["export", "--batch", "demo-best-worst", "--out", str(tmp_path)],
                            f"is a folder: give a file name, e.g. {tmp_path / 'tasks.json'}"),

@@ -201,9 +201,15 @@ def test_rankings_and_pairs_go_through_preference_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "annotator mean" in out and "annotator bob" in out
     # by default a batch is measured against the mean ranks (it has no file's combined ranking)
+    rank_lists: dict = {}
+    for a, view, payload in rank_answers:
+        for image, rank in payload["ranks"].items():
+            rank_lists.setdefault(view.item, {}).setdefault(image, []).append(rank)
     assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", ranking.batch,
                  "--bootstrap", "20"]) == 0
     assert "annotator mean" in capsys.readouterr().out
+    assert stored_counts(ranking.batch, "mean") == expected_counts(
+        {item: {i: np.mean(r) for i, r in images.items()} for item, images in rank_lists.items()})
     assert main(["--store", str(store.root), "preference-metrics", "--reward", "m", "--set", ranking.batch,
                  "--annotator", "consensus"]) == 2
     assert "no rankings by annotator 'consensus'" in capsys.readouterr().err
